@@ -1,0 +1,64 @@
+"""Exceptions raised by concur-langgraph.
+
+Every exception derives from :class:`ConcurError`, so ``except ConcurError`` catches all of
+ours and nothing else::
+
+    ConcurError
+     +-- ConfigError (also ValueError)         an option is invalid; the message names it
+     +-- MetricsError                          the /metrics endpoint could not be used
+     |    +-- MetricsUnavailableError          connection refused, timeout, HTTP error status
+     |    +-- NotVLLMError                     it answered, but it is not a vLLM server
+     +-- AdmissionTimeoutError (also TimeoutError)
+     |                                         an agent waited longer than admission_timeout_s
+     +-- SyncInvocationError (also RuntimeError)
+     |                                         a synchronous call where only async can be gated
+     +-- SlotLostError                         a distributed lease expired under its holder
+
+Errors of the libraries we talk to (httpx, redis) are translated at the boundary with
+``raise ... from exc`` so the original stays attached as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdmissionTimeoutError",
+    "ConcurError",
+    "ConfigError",
+    "MetricsError",
+    "MetricsUnavailableError",
+    "NotVLLMError",
+    "SlotLostError",
+    "SyncInvocationError",
+]
+
+
+class ConcurError(Exception):
+    """Root of every exception raised by concur-langgraph."""
+
+
+class ConfigError(ConcurError, ValueError):
+    """An option or argument is invalid. The message names the offending field."""
+
+
+class MetricsError(ConcurError):
+    """The vLLM ``/metrics`` endpoint could not be read or understood."""
+
+
+class MetricsUnavailableError(MetricsError):
+    """The endpoint did not answer usefully: connection error, timeout or HTTP error status."""
+
+
+class NotVLLMError(MetricsError):
+    """The endpoint answered, but its exposition has no ``vllm:`` series."""
+
+
+class AdmissionTimeoutError(ConcurError, TimeoutError):
+    """An agent waited for admission longer than the configured ``admission_timeout_s``."""
+
+
+class SyncInvocationError(ConcurError, RuntimeError):
+    """A synchronous invocation reached the gate, which can only wait asynchronously."""
+
+
+class SlotLostError(ConcurError):
+    """A distributed slot lease expired while its holder was not looking (e.g. SIGSTOP)."""

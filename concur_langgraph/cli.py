@@ -1,0 +1,50 @@
+"""The ``concur`` command line.
+
+Each command group lives next to its concept and registers itself: a module exposing
+``register(subparsers)``, imported only when the program starts so that ``concur --help`` stays
+fast and optional extras are imported only by the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# (module, what it adds). A module listed here that does not exist yet is skipped, so groups
+# can land one at a time.
+_GROUPS: tuple[str, ...] = (
+    "concur_langgraph.sim._cli",
+    "concur_langgraph._demo",
+    "concur_langgraph.bench._cli",
+    "concur_langgraph._run_cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="concur",
+        description="Admission control for LangGraph agent batches on vLLM.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _GROUPS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result: int | None = args.func(args)
+    return 0 if result is None else int(result)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
