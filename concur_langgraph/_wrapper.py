@@ -1,0 +1,382 @@
+"""``ConcurGate``: a compiled LangGraph graph, admission-controlled.
+
+``await ConcurGate(graph, vllm_url=URL).abatch(inputs)`` runs one LangGraph run per input, all
+started at once; the window, not a task limit, decides which agents may send LLM calls. The
+gate rides in each run's callbacks (a :class:`ConcurCallbackHandler`), so every LLM call at any
+depth, subgraphs included, is gated, and every agent's slot is released when its run ends, however
+it ends.
+
+Conventions, LangGraph's unless said otherwise:
+
+* ``abatch`` returns outputs in input order; with ``return_exceptions=True`` an agent's
+  exception takes its place in the list. Without it the first failure is raised, and (unlike
+  ``Runnable.abatch``, whose other runs keep going unobserved) the other agents are cancelled
+  first, so no run outlives the call and no slot outlives its agent;
+* ``abatch_as_completed`` yields ``(index, output)`` as runs finish; leaving the loop early
+  cancels the runs still going (close it with ``contextlib.aclosing`` to do so at once);
+* each agent gets its own ``thread_id`` unless the caller gives one per input. One config with
+  a ``thread_id`` for several inputs is refused: every agent would share one thread (one
+  checkpoint history) and one slot;
+* ``max_concurrency`` is never used for admission: it also limits the tasks inside each
+  graph's super-steps. A ``max_concurrency`` the caller puts in a config is passed through to
+  the graph untouched, for that meaning only;
+* the synchronous methods (``invoke``, ``batch``, ``stream``) raise
+  :class:`SyncInvocationError`: an admission wait must not block the thread.
+
+Concurrent calls on one ``ConcurGate`` (``asyncio.gather`` of several ``ainvoke``) share one
+session, so one window; the session (and its controller) starts with the first call and stops
+after the last. ``async with ConcurGate(...) as gate:`` keeps one session across several calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, NoReturn, TypeVar, Unpack
+
+from langchain_core.callbacks import BaseCallbackManager
+from langchain_core.runnables import Runnable, RunnableConfig
+
+from ._callbacks import ConcurCallbackHandler
+from ._errors import ConfigError, SyncInvocationError
+from ._laws import ControlLaw
+from ._node import gate_node
+from ._progress import BatchProgress
+from ._session import ConcurSession, OtherSessionKwargs, SessionOptions, SessionStatistics
+
+__all__ = ["ConcurGate"]
+
+_T = TypeVar("_T")
+
+
+def _new_thread_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _with_handler(config: RunnableConfig, handler: ConcurCallbackHandler) -> RunnableConfig:
+    callbacks = config.get("callbacks")
+    new: Any
+    if callbacks is None:
+        new = [handler]
+    elif isinstance(callbacks, list):
+        new = [*callbacks, handler]
+    elif isinstance(callbacks, BaseCallbackManager):
+        new = callbacks.copy()
+        new.add_handler(handler, inherit=True)
+    else:
+        raise ConfigError(f"callbacks: expected a list of handlers or a manager, got {callbacks!r}")
+    out = RunnableConfig(**config)
+    out["callbacks"] = new
+    return out
+
+
+def _with_thread(config: RunnableConfig, thread_id: str) -> RunnableConfig:
+    out = RunnableConfig(**config)
+    out["configurable"] = {**(config.get("configurable") or {}), "thread_id": thread_id}
+    return out
+
+
+def agent_configs(
+    config: RunnableConfig | Sequence[RunnableConfig] | None, count: int
+) -> list[tuple[RunnableConfig, str]]:
+    """One config per agent, each with its own ``thread_id``, and that agent's id.
+
+    Raises :class:`ConfigError` (naming ``config``) when agents would share a thread.
+    """
+    if config is None or isinstance(config, dict):
+        base = RunnableConfig(**(config or {}))
+        given = (base.get("configurable") or {}).get("thread_id")
+        if given is not None and count > 1:
+            raise ConfigError(
+                f"config: one config with configurable.thread_id={given!r} for {count} inputs "
+                "would run every agent on one thread (one checkpoint history, one admission "
+                "slot); pass a list of configs with one thread_id each, or leave thread_id "
+                "out and ConcurGate gives each agent its own"
+            )
+        if base.get("run_id") is not None and count > 1:
+            raise ConfigError(
+                f"config: one run_id for {count} inputs; a run_id names one run, so pass a "
+                "list of configs or leave run_id out"
+            )
+        out: list[tuple[RunnableConfig, str]] = []
+        for _ in range(count):
+            thread_id = str(given) if given is not None else _new_thread_id()
+            out.append((_with_thread(base, thread_id), thread_id))
+        return out
+    configs = list(config)
+    if len(configs) != count:
+        raise ConfigError(
+            f"config: got {len(configs)} configs for {count} inputs; give one config, or one "
+            "per input"
+        )
+    seen: dict[str, int] = {}
+    out = []
+    for index, one in enumerate(configs):
+        given = (one.get("configurable") or {}).get("thread_id")
+        thread_id = str(given) if given is not None else _new_thread_id()
+        if thread_id in seen:
+            raise ConfigError(
+                f"config[{index}]: thread_id {thread_id!r} is also the thread_id of "
+                f"config[{seen[thread_id]}]; each agent needs its own thread"
+            )
+        seen[thread_id] = index
+        out.append((_with_thread(RunnableConfig(**one), thread_id), thread_id))
+    return out
+
+
+async def _settle(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Cancel what is still running and wait until every task has finished unwinding."""
+    for task in tasks:
+        if not task.done():
+            task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+
+
+class ConcurGate:
+    """A compiled graph whose runs are admitted by the CONCUR gate.
+
+    Args:
+        graph: a compiled LangGraph graph (any ``Runnable`` with ``ainvoke``/``astream``).
+        vllm_url: base URL(s) of the vLLM server(s) whose ``/metrics`` drive the window.
+        law: the control law; ``None`` is ``ConcurLaw()``. ``FixedLaw(k)`` needs no URL.
+        **options: the other session options (``interval_s``, ``min_window``, ``max_window``,
+            ``initial_window``, ``max_rps``, ``admission_timeout_s``, ``http_client``,
+            ``window``, ``source``, ``progress``), see :class:`SessionOptions`.
+    """
+
+    def __init__(
+        self,
+        graph: Runnable[Any, Any],
+        *,
+        vllm_url: str | Sequence[str] | None = None,
+        law: ControlLaw | None = None,
+        **options: Unpack[OtherSessionKwargs],
+    ) -> None:
+        if not callable(getattr(graph, "ainvoke", None)) or not callable(
+            getattr(graph, "astream", None)
+        ):
+            raise ConfigError(f"graph: expected a compiled LangGraph graph, got {graph!r}")
+        self.graph = graph
+        # Validated now, so a bad option fails at construction, not at the first batch.
+        self.options = SessionOptions(vllm_url=vllm_url, law=law, **options)
+        self._session: ConcurSession | None = None
+        self._handler: ConcurCallbackHandler | None = None
+        self._last_session: ConcurSession | None = None
+        self._users = 0
+        self._lock: asyncio.Lock | None = None
+
+    # -- session sharing ---------------------------------------------------------------------
+
+    async def _enter(self) -> tuple[ConcurSession, ConcurCallbackHandler]:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._session is None or self._handler is None:
+                session = ConcurSession(self.options)
+                await session.__aenter__()
+                self._session = self._last_session = session
+                self._handler = ConcurCallbackHandler(session=session)
+            self._users += 1
+            return self._session, self._handler
+
+    async def _exit(self) -> None:
+        self._users -= 1
+        if self._users == 0 and self._session is not None:
+            session, self._session, self._handler = self._session, None, None
+            await session.__aexit__(None, None, None)
+
+    @asynccontextmanager
+    async def _using(self) -> AsyncIterator[tuple[ConcurSession, ConcurCallbackHandler]]:
+        pair = await self._enter()
+        try:
+            yield pair
+        finally:
+            await self._exit()
+
+    async def __aenter__(self) -> ConcurGate:
+        await self._enter()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._exit()
+
+    @property
+    def session(self) -> ConcurSession | None:
+        """The session of the calls running now (``None`` between batches)."""
+        return self._session
+
+    def statistics(self) -> SessionStatistics | None:
+        """The statistics of the current session, or of the last one; ``None`` before any."""
+        session = self._session or self._last_session
+        return session.statistics() if session is not None else None
+
+    def node(self) -> Callable[[Any, RunnableConfig], Awaitable[None]]:
+        """A gate node for hand-built graphs (see :func:`gate_node`)."""
+        return gate_node()
+
+    # -- one agent ---------------------------------------------------------------------------
+
+    async def _run(
+        self,
+        session: ConcurSession,
+        handler: ConcurCallbackHandler,
+        input: Any,
+        config: RunnableConfig,
+        agent_id: str,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        try:
+            return await self.graph.ainvoke(input, _with_handler(config, handler), **kwargs)
+        finally:
+            # The handler releases at the root run's end; this covers a run that never
+            # started (cancelled before its first step) and costs nothing otherwise.
+            await session.gate.release(agent_id)
+
+    # -- the async API -----------------------------------------------------------------------
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        """Run one agent (``graph.ainvoke`` with the gate); same arguments and result."""
+        ((one, agent_id),) = agent_configs(config, 1)
+        async with self._using() as (session, handler):
+            return await self._run(session, handler, input, one, agent_id, kwargs)
+
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        """Stream one agent (``graph.astream`` with the gate); same arguments and chunks."""
+        ((one, agent_id),) = agent_configs(config, 1)
+        async with self._using() as (session, handler):
+            try:
+                async for chunk in self.graph.astream(input, _with_handler(one, handler), **kwargs):
+                    yield chunk
+            finally:
+                await session.gate.release(agent_id)
+
+    async def abatch(
+        self,
+        inputs: Sequence[Any],
+        config: RunnableConfig | Sequence[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Run one agent per input, all admitted by the gate; outputs in input order."""
+        inputs = list(inputs)
+        if not inputs:
+            return []
+        configs = agent_configs(config, len(inputs))
+        async with self._using() as (session, handler):
+            progress = BatchProgress(session, total=len(inputs), enabled=self.options.progress)
+
+            async def one(input: Any, config: RunnableConfig, agent_id: str) -> Any:
+                try:
+                    out = await self._run(session, handler, input, config, agent_id, kwargs)
+                except Exception:
+                    progress.finished(ok=False)
+                    raise
+                progress.finished(ok=True)
+                return out
+
+            async with progress:
+                tasks = [
+                    asyncio.create_task(one(input, cfg, agent_id))
+                    for input, (cfg, agent_id) in zip(inputs, configs, strict=True)
+                ]
+                try:
+                    if return_exceptions:
+                        await asyncio.wait(tasks)
+                    else:
+                        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                finally:
+                    await _settle(tasks)
+            return _collect(tasks, return_exceptions=return_exceptions)
+
+    async def abatch_as_completed(
+        self,
+        inputs: Sequence[Any],
+        config: RunnableConfig | Sequence[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> AsyncIterator[tuple[int, Any]]:
+        """Like :meth:`abatch`, yielding ``(index, output)`` as each agent finishes."""
+        inputs = list(inputs)
+        if not inputs:
+            return
+        configs = agent_configs(config, len(inputs))
+        async with self._using() as (session, handler):
+            progress = BatchProgress(session, total=len(inputs), enabled=self.options.progress)
+
+            async def one(index: int, input: Any, config: RunnableConfig, agent_id: str) -> Any:
+                try:
+                    out = await self._run(session, handler, input, config, agent_id, kwargs)
+                except Exception as exc:
+                    progress.finished(ok=False)
+                    if return_exceptions:
+                        return index, exc
+                    raise
+                progress.finished(ok=True)
+                return index, out
+
+            async with progress:
+                tasks = [
+                    asyncio.create_task(one(index, input, cfg, agent_id))
+                    for index, (input, (cfg, agent_id)) in enumerate(
+                        zip(inputs, configs, strict=True)
+                    )
+                ]
+                try:
+                    for next_done in asyncio.as_completed(tasks):
+                        yield await next_done
+                finally:
+                    await _settle(tasks)
+
+    # -- the sync API: refused ---------------------------------------------------------------
+
+    def _sync(self, name: str, instead: str) -> NoReturn:
+        raise SyncInvocationError(
+            f"ConcurGate.{name} is synchronous, but admission waits asynchronously; use "
+            f"`await gate.{instead}(...)` (from sync code: asyncio.run(gate.{instead}(...)))"
+        )
+
+    def invoke(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Refused: use :meth:`ainvoke`."""
+        self._sync("invoke", "ainvoke")
+
+    def batch(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Refused: use :meth:`abatch`."""
+        self._sync("batch", "abatch")
+
+    def batch_as_completed(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Refused: use :meth:`abatch_as_completed`."""
+        self._sync("batch_as_completed", "abatch_as_completed")
+
+    def stream(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Refused: use :meth:`astream`."""
+        self._sync("stream", "astream")
+
+
+def _collect(tasks: Sequence[asyncio.Task[_T]], *, return_exceptions: bool) -> list[Any]:
+    if not return_exceptions:
+        # The first failure in input order; every task has finished (see _settle).
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    results: list[Any] = []
+    for task in tasks:
+        if task.cancelled():
+            raise asyncio.CancelledError
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, Exception):
+            raise exc
+        results.append(exc if exc is not None else task.result())
+    return results
