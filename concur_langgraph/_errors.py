@@ -13,6 +13,7 @@ ours and nothing else::
      +-- SyncInvocationError (also RuntimeError)
      |                                         a synchronous call where only async can be gated
      +-- SlotLostError                         a distributed lease expired under its holder
+     +-- WindowBackendError                    the shared window backend (Redis) failed
 
 Errors of the libraries we talk to (httpx, redis) are translated at the boundary with
 ``raise ... from exc`` so the original stays attached as ``__cause__``.
@@ -29,6 +30,7 @@ __all__ = [
     "NotVLLMError",
     "SlotLostError",
     "SyncInvocationError",
+    "WindowBackendError",
 ]
 
 
@@ -62,3 +64,7 @@ class SyncInvocationError(ConcurError, RuntimeError):
 
 class SlotLostError(ConcurError):
     """A distributed slot lease expired while its holder was not looking (e.g. SIGSTOP)."""
+
+
+class WindowBackendError(ConcurError):
+    """The window's shared backend (Redis) could not be reached or answered with an error."""
