@@ -1,0 +1,340 @@
+"""Fit the step-time model to a real vLLM-compatible server, through its OpenAI API only.
+
+Measurements (all with fresh random text, so nothing hits the prefix cache):
+
+* **Prefills**: one request at a time, prompts of several sizes, ``max_tokens=1``: one step
+  that prefills ``P`` tokens, plus the server's per-request overhead (HTTP, tokenisation).
+* **Decode runs**: ``B`` concurrent requests of ``L`` prompt tokens each, ``ignore_eos`` and
+  ``max_tokens=N``, timed from launch to the last answer: one prefill step of the whole batch,
+  then ``N - 1`` decode steps of ``B`` sequences over growing contexts.
+
+Each measurement's duration is linear in six unknowns: the per-request overhead and the five
+:class:`CostModel` constants, with coefficients that follow from ``usage`` (prompt tokens,
+cached tokens, completion tokens) and the formulas of ``_cost.py``. A small non-negative least
+squares (normal equations, plain Python) fits them. The design separates every constant: the
+prefill sizes give the quadratic attention term and the linear prefill+KV term, decode runs at
+several batch sizes and contexts give the per-sequence and per-context-token terms, and two
+output lengths separate the per-step overhead from the per-request overhead.
+
+Clocks: durations are measured with the running loop's ``time()``, so calibrating a simulator
+under virtual time measures exactly what the simulator modelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from concur_langgraph._errors import ConcurError, ConfigError
+from concur_langgraph.sim._config import SimConfig
+from concur_langgraph.sim._cost import CostModel, chunk_attention_pairs
+
+__all__ = [
+    "CalibrationSample",
+    "calibrate",
+    "calibrated_config",
+    "fit_cost_model",
+    "measure",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CalibrationSample:
+    """One timed measurement and the model quantities it contains."""
+
+    duration_s: float
+    """Measured wall (loop) time of the measurement, in seconds."""
+    requests: int
+    """HTTP requests it waited for in sequence (1 per measurement: they run concurrently)."""
+    steps: int
+    """Engine steps it spans."""
+    prefill_tokens: int
+    """Prompt tokens computed (prompt minus cached)."""
+    decode_seqs: int
+    """Decode tokens computed, summed over its steps."""
+    attention_pairs: int
+    """Attention pairs, summed over its steps."""
+    kv_tokens_read: int
+    """Context tokens read from the KV cache, summed over its steps."""
+
+    def features(self) -> list[float]:
+        return [
+            float(self.requests),
+            float(self.steps),
+            float(self.prefill_tokens),
+            float(self.decode_seqs),
+            float(self.attention_pairs),
+            float(self.kv_tokens_read),
+        ]
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; None if singular."""
+    n = len(b)
+    m = [[*row, rhs] for row, rhs in zip(a, b, strict=True)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-14:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(n):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                if f:
+                    for c in range(col, n + 1):
+                        m[r][c] -= f * m[col][c]
+    return [m[i][n] / m[i][i] for i in range(n)]
+
+
+def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
+    """Least squares with non-negative coefficients (active set: drop the most negative)."""
+    n = len(rows[0])
+    scale = [max(abs(r[i]) for r in rows) or 1.0 for i in range(n)]
+    x = [[r[i] / scale[i] for i in range(n)] for r in rows]
+    free = list(range(n))
+    beta = [0.0] * n
+    while free:
+        ata = [[sum(r[i] * r[j] for r in x) for j in free] for i in free]
+        aty = [sum(r[i] * yy for r, yy in zip(x, y, strict=True)) for i in free]
+        sol = _solve(ata, aty)
+        if sol is None:
+            # Unidentifiable column (never varied): drop the one with the least signal.
+            weakest = min(free, key=lambda i: sum(r[i] * r[i] for r in x))
+            free.remove(weakest)
+            continue
+        worst = min(range(len(free)), key=lambda k: sol[k])
+        if sol[worst] < 0:
+            free.pop(worst)
+            continue
+        beta = [0.0] * n
+        for k, i in enumerate(free):
+            beta[i] = sol[k]
+        break
+    return [beta[i] / scale[i] for i in range(n)]
+
+
+def fit_cost_model(
+    samples: Sequence[CalibrationSample], *, kv_bytes_per_token: float = 1.0
+) -> CostModel:
+    """Fit the :class:`CostModel` constants to measurements (non-negative least squares).
+
+    The fit measures seconds per context token read; it is expressed as a bandwidth for
+    ``kv_bytes_per_token`` bytes per token (:func:`calibrated_config` rescales it to the base
+    config's value). The per-request overhead is fitted and dropped: the simulator's server
+    adds none.
+    """
+    if len(samples) < 6:
+        raise ConfigError(f"samples: need at least 6 measurements to fit, got {len(samples)}")
+    coef = _nnls([s.features() for s in samples], [s.duration_s for s in samples])
+    _request, overhead, prefill, decode, attention, kv = coef
+    return CostModel(
+        step_overhead_s=overhead,
+        prefill_token_s=prefill,
+        decode_seq_s=decode,
+        attention_pair_s=attention,
+        kv_bytes_per_token=kv_bytes_per_token,
+        kv_read_bytes_per_s=kv_bytes_per_token / kv if kv > 0 else math.inf,
+    )
+
+
+def calibrated_config(base: SimConfig, cost: CostModel) -> SimConfig:
+    """``base`` with fitted time constants, keeping its KV bytes per token."""
+    bytes_per_token = base.cost.kv_bytes_per_token
+    per_token_s = cost.kv_read_token_s
+    fitted = dataclasses.replace(
+        cost,
+        kv_bytes_per_token=bytes_per_token,
+        kv_read_bytes_per_s=bytes_per_token / per_token_s if per_token_s > 0 else math.inf,
+    )
+    return dataclasses.replace(base, cost=fitted)
+
+
+class _Client:
+    """The few OpenAI calls calibration needs, timed on the loop clock."""
+
+    def __init__(self, client: httpx.AsyncClient, root: str, model: str | None) -> None:
+        self.http = client
+        self.root = root
+        self.model = model or ""
+        self.rng = random.Random(0)
+
+    async def get_model(self) -> tuple[str, int | None]:
+        data = await self._request("GET", "/v1/models", None)
+        cards = data.get("data") or []
+        if not cards:
+            raise ConcurError(f"{self.root}/v1/models lists no model")
+        card = cards[0]
+        return str(card["id"]), card.get("max_model_len")
+
+    def text(self, words: int) -> str:
+        # Random pseudo-words: no two prompts share a prefix beyond the chat template.
+        letters = "bcdfghjklmnprstvz"
+        vowels = "aeiou"
+        rng = self.rng
+        return " ".join(
+            "".join(rng.choice(letters) + rng.choice(vowels) for _ in range(3))
+            for _ in range(words)
+        )
+
+    async def chat(self, words: int, max_tokens: int) -> tuple[int, int, int]:
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": self.text(words)}],
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "temperature": 0.0,
+        }
+        data = await self._request("POST", "/v1/chat/completions", body)
+        usage = data.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+        return (
+            int(usage["prompt_tokens"]),
+            int(details.get("cached_tokens") or 0),
+            int(usage["completion_tokens"]),
+        )
+
+    async def _request(self, method: str, path: str, body: Any) -> dict[str, Any]:
+        try:
+            resp = await self.http.request(method, f"{self.root}{path}", json=body)
+        except httpx.HTTPError as exc:
+            raise ConcurError(f"calibration request to {self.root}{path} failed: {exc}") from exc
+        if resp.status_code != 200:
+            raise ConcurError(
+                f"calibration request to {self.root}{path} answered {resp.status_code}: "
+                f"{resp.text[:200]}"
+            )
+        result: dict[str, Any] = resp.json()
+        return result
+
+
+def _root(base_url: str) -> str:
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"base_url must be an http(s) URL, got {base_url!r}")
+    root = base_url.rstrip("/")
+    if root.endswith("/v1"):
+        root = root[: -len("/v1")]
+    return root
+
+
+async def measure(
+    base_url: str,
+    *,
+    client: httpx.AsyncClient | None = None,
+    model: str | None = None,
+    prefill_sizes: Sequence[int] = (64, 256, 512, 1024),
+    batch_sizes: Sequence[int] = (1, 4, 8),
+    contexts: Sequence[int] = (48, 192),
+    output_tokens: Sequence[int] = (8, 32),
+    repeats: int = 2,
+) -> list[CalibrationSample]:
+    """Run the calibration measurements (module docstring) and return them.
+
+    Keep ``max(batch_sizes) * max(contexts)`` and ``max(prefill_sizes)`` within the server's
+    ``max_num_batched_tokens``, so that each batch prefills in one step as the model assumes.
+    """
+    if repeats < 1:
+        raise ConfigError(f"repeats must be >= 1, got {repeats}")
+    own = client is None
+    http = client or httpx.AsyncClient(timeout=600.0)
+    loop = asyncio.get_running_loop()
+    try:
+        api = _Client(http, _root(base_url), model)
+        served, max_len = await api.get_model()
+        api.model = model or served
+        limit = (max_len or 1 << 30) - max(output_tokens) - 8
+        # Tokens per word (and the template's fixed tokens) on this server's tokenizer.
+        p1, _, _ = await api.chat(50, 1)
+        p2, _, _ = await api.chat(150, 1)
+        per_word = max((p2 - p1) / 100, 1e-3)
+        fixed = p1 - 50 * per_word
+
+        def words_for(tokens: int) -> int:
+            return max(1, round((min(tokens, limit) - fixed) / per_word))
+
+        samples: list[CalibrationSample] = []
+        for _ in range(repeats):
+            for size in prefill_sizes:
+                start = loop.time()
+                prompt, cached, _out = await api.chat(words_for(size), 1)
+                duration = loop.time() - start
+                computed = prompt - cached
+                samples.append(
+                    CalibrationSample(
+                        duration_s=duration,
+                        requests=1,
+                        steps=1,
+                        prefill_tokens=computed,
+                        decode_seqs=0,
+                        attention_pairs=chunk_attention_pairs(cached, computed),
+                        kv_tokens_read=prompt,
+                    )
+                )
+            for batch in batch_sizes:
+                for ctx in contexts:
+                    for n_out in output_tokens:
+                        samples.append(await _decode_run(api, loop, batch, words_for(ctx), n_out))
+        return samples
+    finally:
+        if own:
+            await http.aclose()
+
+
+async def _decode_run(
+    api: _Client, loop: asyncio.AbstractEventLoop, batch: int, words: int, n_out: int
+) -> CalibrationSample:
+    start = loop.time()
+    results = await asyncio.gather(*(api.chat(words, n_out) for _ in range(batch)))
+    duration = loop.time() - start
+    prompts = [p for p, _, _ in results]
+    total_prompt = sum(prompts)
+    steps = max(out for _, _, out in results)
+    decode_steps = steps - 1
+    # Decode step j (from 0) attends and reads sum(P) + batch * (j + 1) context tokens.
+    decode_ctx = decode_steps * total_prompt + batch * decode_steps * (decode_steps + 1) // 2
+    return CalibrationSample(
+        duration_s=duration,
+        requests=1,
+        steps=steps,
+        prefill_tokens=sum(p - c for p, c, _ in results),
+        decode_seqs=batch * decode_steps,
+        attention_pairs=sum(chunk_attention_pairs(c, p - c) for p, c, _ in results) + decode_ctx,
+        kv_tokens_read=total_prompt + decode_ctx,
+    )
+
+
+async def calibrate(
+    base_url: str,
+    *,
+    client: httpx.AsyncClient | None = None,
+    model: str | None = None,
+    kv_bytes_per_token: float = 1.0,
+    prefill_sizes: Sequence[int] = (64, 256, 512, 1024),
+    batch_sizes: Sequence[int] = (1, 4, 8),
+    contexts: Sequence[int] = (48, 192),
+    output_tokens: Sequence[int] = (8, 32),
+    repeats: int = 2,
+) -> CostModel:
+    """Measure a vLLM-compatible server at ``base_url`` and fit a :class:`CostModel`.
+
+    ``client`` (e.g. a ``SimServer.http_client()``) replaces the default ``httpx`` client;
+    ``model`` defaults to the first model ``/v1/models`` lists. Use
+    :func:`calibrated_config` to put the result into a preset.
+    """
+    samples = await measure(
+        base_url,
+        client=client,
+        model=model,
+        prefill_sizes=prefill_sizes,
+        batch_sizes=batch_sizes,
+        contexts=contexts,
+        output_tokens=output_tokens,
+        repeats=repeats,
+    )
+    return fit_cost_model(samples, kv_bytes_per_token=kv_bytes_per_token)

@@ -1,0 +1,259 @@
+"""``concur sim ...``: serve a simulated vLLM, list presets, calibrate against a real server.
+
+* ``concur sim serve --preset NAME [--config FILE.json] [--host 127.0.0.1] [--port 8000]``
+  serves the simulator over HTTP with uvicorn, in real time (each engine step takes its
+  modelled duration on the wall clock). Size flags (``--num-blocks``, ``--max-model-len``, ...)
+  override the preset; ``--config`` is a JSON object of :class:`SimConfig` fields applied on
+  top of the preset (``"cost"`` may hold some :class:`CostModel` fields; ``"preset"`` names the
+  base preset when ``--preset`` is not given). ``concur sim calibrate --out`` writes such a file.
+* ``concur sim presets`` prints the presets and their key numbers.
+* ``concur sim calibrate --url URL [--preset NAME] [--out FILE.json]`` fits the step-time
+  constants to a live vLLM-compatible server (``_calibrate.py``), combines them with the KV
+  geometry of the preset (default ``cpu-tiny``, the recipe's CPU server), prints them and
+  writes the whole configuration, which ``serve --config FILE.json`` loads as is.
+
+Bad settings are refused before anything starts, with the message of the :class:`ConfigError`
+(which names the field) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from concur_langgraph._errors import ConcurError, ConfigError
+from concur_langgraph.sim._config import SimConfig
+from concur_langgraph.sim._cost import CostModel
+from concur_langgraph.sim._presets import PRESETS, get_preset
+
+__all__ = ["config_from_json", "load_config", "register"]
+
+# CLI flag -> SimConfig field, for the sizes people change most.
+_SIZE_FLAGS = (
+    ("--model-name", "model_name", str, "served model name (vLLM's --served-model-name)"),
+    ("--num-blocks", "num_blocks", int, "KV-cache blocks"),
+    ("--block-size", "block_size", int, "tokens per KV block"),
+    ("--max-model-len", "max_model_len", int, "longest prompt + output"),
+    ("--max-num-seqs", "max_num_seqs", int, "most requests in the running batch"),
+    ("--max-num-batched-tokens", "max_num_batched_tokens", int, "token budget of one step"),
+)
+
+
+def config_from_json(data: dict[str, Any], base: SimConfig | None = None) -> SimConfig:
+    """A :class:`SimConfig` from a JSON object of its fields.
+
+    The fields are applied on top of ``base``, or of the preset the object names with
+    ``"preset"``; with neither, the object must give every required field (as
+    :func:`config_to_json` writes). ``"cost"`` may be partial when there is a base. Unknown
+    or missing fields raise :class:`ConfigError` naming them.
+    """
+    data = dict(data)
+    preset = data.pop("preset", None)
+    if base is None and preset is not None:
+        if not isinstance(preset, str):
+            raise ConfigError(f"config.preset must be a preset name, got {preset!r}")
+        base = get_preset(preset)
+    fields = {f.name: f for f in dataclasses.fields(SimConfig)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"config: unknown SimConfig field(s) {', '.join(unknown)}")
+    cost = data.pop("cost", None)
+    if cost is not None and not isinstance(cost, dict):
+        raise ConfigError(f"config.cost must be an object of CostModel fields, got {cost!r}")
+    cost_fields = {f.name: f for f in dataclasses.fields(CostModel)}
+    if cost is not None:
+        cost_unknown = sorted(set(cost) - set(cost_fields))
+        if cost_unknown:
+            raise ConfigError(f"config.cost: unknown CostModel field(s) {', '.join(cost_unknown)}")
+    if base is not None:
+        if cost is not None:
+            data["cost"] = dataclasses.replace(base.cost, **cost)
+        return dataclasses.replace(base, **data)
+    required = [
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and name not in data and name != "cost"
+    ]
+    if cost is None:
+        required.append("cost")
+    if required:
+        raise ConfigError(
+            f"config: missing SimConfig field(s) {', '.join(required)} "
+            "(or give a preset: --preset NAME or a 'preset' key)"
+        )
+    assert cost is not None
+    cost_missing = sorted(set(cost_fields) - set(cost))
+    if cost_missing:
+        raise ConfigError(f"config.cost: missing CostModel field(s) {', '.join(cost_missing)}")
+    return SimConfig(**data, cost=CostModel(**cost))
+
+
+def load_config(
+    preset: str | None, config_path: str | None, overrides: dict[str, Any] | None = None
+) -> SimConfig:
+    """The configuration ``concur sim serve`` runs: preset, then file, then flag overrides."""
+    data: dict[str, Any] = {}
+    if config_path is not None:
+        try:
+            loaded = json.loads(Path(config_path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"--config: cannot read {config_path}: {exc.strerror}") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--config: {config_path} is not valid JSON: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {config_path} must hold a JSON object")
+        data = loaded
+    base = get_preset(preset) if preset is not None else None
+    config = base if base is not None and not data else config_from_json(data, base)
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    return config
+
+
+def config_to_json(config: SimConfig) -> dict[str, Any]:
+    """A JSON-able object of every field of ``config`` (loadable by :func:`config_from_json`)."""
+    return dataclasses.asdict(config)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    overrides = {
+        field: getattr(args, field)
+        for _flag, field, _type, _help in _SIZE_FLAGS
+        if getattr(args, field) is not None
+    }
+    try:
+        config = load_config(args.preset, args.config, overrides)
+    except ConfigError as exc:
+        print(f"concur sim serve: error: {exc}", file=sys.stderr)
+        return 2
+    if args.port < 0 or args.port > 65535:
+        print(
+            f"concur sim serve: error: --port must be in 0..65535, got {args.port}", file=sys.stderr
+        )
+        return 2
+
+    import uvicorn
+
+    from concur_langgraph.sim._engine import SimEngine
+    from concur_langgraph.sim._server import create_app
+
+    app = create_app(SimEngine(config))
+    print(
+        f"concur sim: serving model {config.model_name!r} "
+        f"({config.num_blocks} blocks x {config.block_size} tokens, "
+        f"max_model_len {config.max_model_len}) on http://{args.host}:{args.port}",
+        flush=True,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    )
+    server.run()
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    header = (
+        "preset",
+        "model",
+        "KV tokens",
+        "blocks x size",
+        "max_model_len",
+        "max_num_seqs",
+        "batched tokens",
+        "step overhead",
+        "decode/seq",
+        "prefill/token",
+        "KV bytes/token",
+    )
+    rows = [header]
+    for name in sorted(PRESETS):
+        c = PRESETS[name]
+        rows.append(
+            (
+                name,
+                c.model_name,
+                str(c.kv_capacity_tokens),
+                f"{c.num_blocks} x {c.block_size}",
+                str(c.max_model_len),
+                str(c.max_num_seqs),
+                str(c.max_num_batched_tokens),
+                f"{c.cost.step_overhead_s * 1e3:.3g} ms",
+                f"{c.cost.decode_seq_s * 1e6:.3g} us",
+                f"{c.cost.prefill_token_s * 1e6:.3g} us",
+                f"{c.cost.kv_bytes_per_token:.0f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import httpx
+
+    from concur_langgraph.sim._calibrate import calibrate, calibrated_config
+
+    try:
+        base = get_preset(args.preset)
+        cost = asyncio.run(calibrate(args.url, model=args.model))
+        config = calibrated_config(base, cost)
+    except ConfigError as exc:
+        print(f"concur sim calibrate: error: {exc}", file=sys.stderr)
+        return 2
+    except (ConcurError, httpx.HTTPError) as exc:
+        # The server could not be measured (unreachable, HTTP errors, not OpenAI-compatible).
+        print(f"concur sim calibrate: error: --url {args.url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"fitted on {args.url}, KV geometry of preset {args.preset!r}:")
+    for field in dataclasses.fields(CostModel):
+        print(f"  {field.name} = {getattr(config.cost, field.name)!r}")
+    if args.out is not None:
+        Path(args.out).write_text(json.dumps(config_to_json(config), indent=2) + "\n")
+        print(f"wrote {args.out} (serve it with: concur sim serve --config {args.out})")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``sim`` command group to the ``concur`` parser."""
+    sim = subparsers.add_parser("sim", help="the vLLM simulator: serve, presets, calibrate")
+    commands = sim.add_subparsers(dest="sim_command", metavar="SUBCOMMAND", required=True)
+
+    serve = commands.add_parser("serve", help="serve a simulated vLLM over HTTP (real time)")
+    serve.add_argument("--preset", help=f"base configuration: {', '.join(sorted(PRESETS))}")
+    serve.add_argument("--config", help="JSON file of SimConfig fields applied to the preset")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level",
+    )
+    for flag, field, kind, text in _SIZE_FLAGS:
+        serve.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    serve.set_defaults(func=_serve)
+
+    presets = commands.add_parser("presets", help="list the presets and their key numbers")
+    presets.set_defaults(func=_presets)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="fit the step-time model to a running vLLM server"
+    )
+    calibrate.add_argument("--url", required=True, help="the vLLM server, e.g. http://host:8000")
+    calibrate.add_argument(
+        "--preset",
+        default="cpu-tiny",
+        help="preset giving the KV-cache geometry and KV bytes per token (default cpu-tiny)",
+    )
+    calibrate.add_argument("--model", help="model name to send (default: the server's first)")
+    calibrate.add_argument("--out", help="write the fitted configuration to this JSON file")
+    calibrate.set_defaults(func=_calibrate)

@@ -1,0 +1,97 @@
+"""Settings of one simulated vLLM engine."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from concur_langgraph._errors import ConfigError
+from concur_langgraph.sim._cost import CostModel
+
+__all__ = ["SimConfig"]
+
+
+def _positive_int(owner: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{owner}.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimConfig:
+    """A simulated vLLM V1 engine: KV cache geometry, scheduler limits, timing, outputs."""
+
+    model_name: str
+    """Served model name (``--served-model-name``): the ``model`` clients must send."""
+    num_blocks: int
+    """KV-cache blocks (vLLM's ``num_gpu_blocks``)."""
+    block_size: int
+    """Tokens per KV block (16 on GPU, 128 on CPU by default)."""
+    max_num_seqs: int
+    """Most requests in the running batch (``--max-num-seqs``)."""
+    max_num_batched_tokens: int
+    """Token budget of one step, decode and prefill chunks together (chunked prefill)."""
+    max_model_len: int
+    """Longest sequence, prompt plus output (``--max-model-len``)."""
+    cost: CostModel
+    """Step-time model."""
+    enable_prefix_caching: bool = True
+    """Reuse cached full blocks across requests (``--enable-prefix-caching``)."""
+    vocab_size: int = 32_000
+    """Generated ids lie in ``[16, vocab_size)`` (see ``sim/_tokenizer.py``); EOS is id 2."""
+    eos_mean_tokens: float = 256.0
+    """Mean output length when a request does not set ``ignore_eos``: the EOS position is a
+    deterministic exponential draw with this mean, never before ``min_tokens``."""
+    seed: int = 0
+    """Mixed into generated token ids and EOS draws; same seed, same outputs."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_name, str) or not self.model_name.strip():
+            raise ConfigError(
+                f"SimConfig.model_name must be a non-empty string, got {self.model_name!r}"
+            )
+        for name in (
+            "num_blocks",
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_model_len",
+        ):
+            _positive_int("SimConfig", name, getattr(self, name))
+        if not isinstance(self.cost, CostModel):
+            raise ConfigError(f"SimConfig.cost must be a CostModel, got {type(self.cost).__name__}")
+        if self.num_blocks * self.block_size < self.max_model_len:
+            raise ConfigError(
+                f"SimConfig.num_blocks x block_size = {self.num_blocks * self.block_size} tokens "
+                f"is smaller than max_model_len = {self.max_model_len}: the KV cache must hold "
+                "one request of the maximum length"
+            )
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # As vLLM: otherwise a full batch of decodes could not fit in one step.
+            raise ConfigError(
+                f"SimConfig.max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs})"
+            )
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ConfigError(
+                "SimConfig.enable_prefix_caching must be a bool, "
+                f"got {self.enable_prefix_caching!r}"
+            )
+        _positive_int("SimConfig", "vocab_size", self.vocab_size)
+        if self.vocab_size <= 16:
+            raise ConfigError(f"SimConfig.vocab_size must be > 16, got {self.vocab_size}")
+        if not (
+            isinstance(self.eos_mean_tokens, (int, float))
+            and math.isfinite(self.eos_mean_tokens)
+            and self.eos_mean_tokens > 0
+        ):
+            raise ConfigError(
+                "SimConfig.eos_mean_tokens must be a finite number > 0, "
+                f"got {self.eos_mean_tokens!r}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"SimConfig.seed must be an integer, got {self.seed!r}")
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """KV capacity in tokens: ``num_blocks * block_size``."""
+        return self.num_blocks * self.block_size

