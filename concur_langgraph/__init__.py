@@ -26,6 +26,7 @@ from ._errors import (
     NotVLLMError,
     SlotLostError,
     SyncInvocationError,
+    VirtualTimeDeadlockError,
     WindowBackendError,
 )
 from ._gate import Gate, GateStatistics
@@ -71,6 +72,7 @@ __all__ = [
     "SlotLostError",
     "SyncInvocationError",
     "VLLMMetricsSource",
+    "VirtualTimeDeadlockError",
     "WindowBackendError",
     "WindowChange",
     "WindowStatistics",

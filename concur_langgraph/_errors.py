@@ -14,6 +14,9 @@ ours and nothing else::
      |                                         a synchronous call where only async can be gated
      +-- SlotLostError                         a distributed lease expired under its holder
      +-- WindowBackendError                    the shared window backend (Redis) failed
+     +-- VirtualTimeDeadlockError (also RuntimeError)
+                                               every task waits on a virtual-time loop and
+                                               nothing can wake one
 
 Errors of the libraries we talk to (httpx, redis) are translated at the boundary with
 ``raise ... from exc`` so the original stays attached as ``__cause__``.
@@ -30,6 +33,7 @@ __all__ = [
     "NotVLLMError",
     "SlotLostError",
     "SyncInvocationError",
+    "VirtualTimeDeadlockError",
     "WindowBackendError",
 ]
 
@@ -68,3 +72,10 @@ class SlotLostError(ConcurError):
 
 class WindowBackendError(ConcurError):
     """The window's shared backend (Redis) could not be reached or answered with an error."""
+
+
+class VirtualTimeDeadlockError(ConcurError, RuntimeError):
+    """Every task waits, yet no timer, executor call or real file descriptor can wake one.
+
+    Raised by a strict :class:`concur_langgraph.vtime.VirtualEventLoop` instead of hanging.
+    """
