@@ -22,7 +22,8 @@ def test_every_exported_name_resolves() -> None:
 
 def test_public_names_match_module_attributes() -> None:
     public = {
-        n for n, v in vars(concur_langgraph).items()
+        n
+        for n, v in vars(concur_langgraph).items()
         if not n.startswith("_") and not isinstance(v, type(sys)) and n != "annotations"
     }
     # Everything public at the root is in __all__ (RedisWindow is lazy, so only in __all__).

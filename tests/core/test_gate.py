@@ -124,8 +124,11 @@ async def test_admission_timeout_names_agent_and_option() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"max_rps": 0}, "max_rps"), ({"max_rps": True}, "max_rps"),
-     ({"admission_timeout_s": -1}, "admission_timeout_s")],
+    [
+        ({"max_rps": 0}, "max_rps"),
+        ({"max_rps": True}, "max_rps"),
+        ({"admission_timeout_s": -1}, "admission_timeout_s"),
+    ],
 )
 def test_bad_options_name_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigError, match=field):
