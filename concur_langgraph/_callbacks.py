@@ -84,6 +84,8 @@ class ConcurCallbackHandler(AsyncCallbackHandler):
         session: a :class:`ConcurSession` to share with other ways in; the caller owns it.
         **options: otherwise, the options of a session of its own (``vllm_url``, ``law``,
             ``interval_s``, ... see :class:`SessionOptions`), entered by ``async with``.
+            ``redis_url`` and ``batch_id`` share the window with the other worker processes
+            of the batch (the handler must then be entered).
     """
 
     run_inline = True

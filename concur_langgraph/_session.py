@@ -13,20 +13,33 @@ Which law needs what:
 * ``FixedLaw(k)`` needs no URL: the window is ``k`` from the start and never moves. With a URL
   too, the controller still polls (for the statistics and the progress display) and keeps
   applying ``k``.
+
+Distributed batches (``redis_url`` and ``batch_id``, or a :class:`RedisWindow` as ``window``):
+every worker process runs its own session on one window stored in Redis. Entering joins the
+stored window and never resets it (``initial_window`` only seeds a batch that does not exist
+yet; with ``redis_url``, ``FixedLaw(k)`` sets ``k``, which every worker agrees on; a window
+passed in is only joined, its owner may be driving it). When the session has signals,
+the workers elect one leader (:class:`Leadership`): only the leader runs a :class:`Controller`,
+on the fenced window, starting each reign from the stored window; the others only read it. A
+leader that dies is replaced within the leadership lease (``docs/distributed.md``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from ._controller import Controller, ControllerStatistics
+from ._controller import Controller, ControllerStatistics, _stop
 from ._errors import ConcurError, ConfigError
 from ._gate import Gate, GateStatistics
 from ._laws import ConcurLaw, ControlLaw, FixedLaw
+from ._leader import Leadership
+from ._redis_window import RedisWindow, check_batch_id
 from ._signals import SignalSource, VLLMMetricsSource
 from ._window import AdmissionWindow, LocalWindow
 
@@ -40,6 +53,8 @@ __all__ = [
     "SessionOptions",
     "SessionStatistics",
 ]
+
+logger = logging.getLogger("concur_langgraph")
 
 
 class OtherSessionKwargs(TypedDict, total=False):
@@ -55,6 +70,8 @@ class OtherSessionKwargs(TypedDict, total=False):
     window: AdmissionWindow | None
     source: SignalSource | None
     progress: bool | None
+    redis_url: str | None
+    batch_id: str | None
 
 
 class SessionKwargs(OtherSessionKwargs, total=False):
@@ -93,7 +110,9 @@ class SessionOptions:
     initial_window: int = 4
     """Window at the start of the batch, before the first sample. Small, because admitting
     is cheap to undo (the law grows by ``alpha`` per tick while the cache is under-used) while
-    an over-admitted start thrashes the cache before the first sample arrives."""
+    an over-admitted start thrashes the cache before the first sample arrives. With a shared
+    window it only seeds a batch that does not exist yet: a joining worker keeps the stored
+    window."""
     max_rps: float | None = None
     """Optional cap on LLM calls per second, for servers behind a rate-limited gateway."""
     admission_timeout_s: float | None = None
@@ -104,12 +123,22 @@ class SessionOptions:
     tests and demos); ``None``: the signal source makes and closes its own."""
     window: AdmissionWindow | None = None
     """A window backend instance (e.g. a Redis window shared by several processes);
-    ``None``: an in-process :class:`LocalWindow`."""
+    ``None``: an in-process :class:`LocalWindow` (or a :class:`RedisWindow` from ``redis_url``).
+    The caller keeps owning it (the session does not close it)."""
     source: SignalSource | None = None
     """A signal source instance, instead of ``vllm_url``."""
     progress: bool | None = None
     """Live progress display for ``abatch``: ``None`` shows it when stdout is a terminal,
     ``True`` always, ``False`` never."""
+    redis_url: str | None = None
+    """``redis://host:port/db`` (or ``rediss://``, ``unix://``) of the Redis that holds the
+    window shared by every worker process of the batch; ``None``: the window is in-process.
+    Needs ``batch_id``. With signals, one worker at a time (the elected leader) polls
+    ``/metrics`` and resizes the shared window; see ``docs/distributed.md``."""
+    batch_id: str | None = None
+    """The batch's name in Redis: every worker with the same ``redis_url`` and ``batch_id``
+    shares one window (and one leader). Required with ``redis_url``; several batches can share
+    one Redis under different ids."""
 
     def __post_init__(self) -> None:
         url = self.vllm_url
@@ -163,6 +192,25 @@ class SessionOptions:
             raise ConfigError(f"window: expected an AdmissionWindow, got {self.window!r}")
         if self.progress is not None and not isinstance(self.progress, bool):
             raise ConfigError(f"progress: must be True, False or None, got {self.progress!r}")
+        if self.redis_url is not None and not (
+            isinstance(self.redis_url, str)
+            and self.redis_url.startswith(("redis://", "rediss://", "unix://"))
+        ):
+            raise ConfigError(
+                f"redis_url: must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
+            )
+        if (self.redis_url is None) != (self.batch_id is None):
+            raise ConfigError(
+                "batch_id: redis_url and batch_id go together (the workers that share a window "
+                f"share both); got redis_url={self.redis_url!r}, batch_id={self.batch_id!r}"
+            )
+        if self.batch_id is not None:
+            check_batch_id(self.batch_id)  # its messages name batch_id
+        if self.redis_url is not None and self.window is not None:
+            raise ConfigError(
+                "window: give either a window instance or redis_url (which makes the shared "
+                "window), not both"
+            )
 
     @property
     def start_window(self) -> int:
@@ -180,10 +228,15 @@ class SessionStatistics:
     """A snapshot of one session."""
 
     gate: GateStatistics
-    """The gate and its window: limit, holders, active, parked, waiting, completed."""
+    """The gate and its window: limit, holders, active, parked, waiting, completed. With a
+    shared window, the shared limit and holders as this process last saw them."""
     controller: ControllerStatistics | None
     """The controller (last sample, staleness, ticks; its final state once the session is
-    closed), or ``None`` when there are no signals or the session was never entered."""
+    closed, or once this process stopped leading), or ``None`` when there are no signals, the
+    session was never entered, or this process has not led a distributed batch."""
+    leader: bool | None = None
+    """Whether this process drives the shared window now (it runs the controller); ``None``
+    when there is nothing to lead (an in-process window, or no signals)."""
 
 
 class ConcurSession:
@@ -192,8 +245,9 @@ class ConcurSession:
     Args:
         options: the validated options; or give them as keywords (``ConcurSession(law=...)``).
 
-    A session without signals (``FixedLaw`` and no URL) works without being entered; a session
-    with signals must be entered, so that its polling task has an owner.
+    A session without signals (``FixedLaw`` and no URL) and without Redis works without being
+    entered; a session with signals or a ``redis_url`` must be entered, so that its background
+    tasks (polling, leases) have an owner.
     """
 
     def __init__(self, options: SessionOptions | None = None, **kwargs: Any) -> None:
@@ -202,9 +256,16 @@ class ConcurSession:
         elif kwargs:
             raise ConfigError("options: give a SessionOptions or keywords, not both")
         self.options = options
-        self.window: AdmissionWindow = (
-            options.window if options.window is not None else LocalWindow(options.start_window)
-        )
+        self.window: AdmissionWindow
+        if options.window is not None:
+            self.window = options.window
+        elif options.redis_url is not None:
+            assert options.batch_id is not None
+            self.window = RedisWindow(
+                options.redis_url, batch_id=options.batch_id, initial_limit=options.start_window
+            )
+        else:
+            self.window = LocalWindow(options.start_window)
         self.gate = Gate(
             self.window,
             max_rps=options.max_rps,
@@ -212,18 +273,32 @@ class ConcurSession:
         )
         self._controller: Controller | None = None
         self._final_controller_stats: ControllerStatistics | None = None
+        self._leadership: Leadership | None = None
+        self._lead_task: asyncio.Task[None] | None = None
+        # A controller that died during an earlier reign: raised on exit, as in-process.
+        self._reign_failure: BaseException | None = None
         self._entered = False
         self._closed = False
 
     @property
     def controller(self) -> Controller | None:
-        """The running controller, or ``None`` (no signals, or not entered)."""
+        """The running controller, or ``None`` (no signals, not entered, or not the leader)."""
         return self._controller
+
+    @property
+    def leadership(self) -> Leadership | None:
+        """The leader campaign of a distributed session with signals, while entered."""
+        return self._leadership
 
     @property
     def needs_controller(self) -> bool:
         """Whether this session sizes its window from signals (and so must be entered)."""
         return self.options.vllm_url is not None or self.options.source is not None
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the window is shared through Redis with other processes."""
+        return isinstance(self.window, RedisWindow)
 
     @property
     def closed(self) -> bool:
@@ -244,30 +319,31 @@ class ConcurSession:
                 f"{who} sizes its window from vLLM signals and must be entered first: "
                 f"`async with {who}(vllm_url=...) as gate: ...`"
             )
+        if self.options.redis_url is not None and not self._entered:
+            # The window's heartbeat and subscription need an owner that closes them.
+            raise ConcurError(
+                f"{who} shares its window through Redis and must be entered first: "
+                f"`async with {who}(redis_url=..., batch_id=...) as gate: ...`"
+            )
 
     async def __aenter__(self) -> ConcurSession:
         if self._entered or self._closed:
             raise ConcurError("a session can be entered once; create a new one per batch")
         opts = self.options
-        if opts.window is not None and opts.window.limit != opts.start_window:
-            await opts.window.set_limit(opts.start_window)
-        if self.needs_controller:
-            source = opts.source
-            if source is None:
-                assert opts.vllm_url is not None
-                urls = [opts.vllm_url] if isinstance(opts.vllm_url, str) else list(opts.vllm_url)
-                source = VLLMMetricsSource(urls, client=opts.http_client)
-            controller = Controller(
-                source=source,
-                law=opts.law if opts.law is not None else ConcurLaw(),
-                window=self.window,
-                interval_s=opts.interval_s,
-                min_window=opts.min_window,
-                max_window=opts.max_window,
-                initial_window=opts.start_window,
-            )
-            await controller.__aenter__()
-            self._controller = controller
+        try:
+            if isinstance(self.window, RedisWindow):
+                await self._enter_distributed(self.window)
+            else:
+                if opts.window is not None and opts.window.limit != opts.start_window:
+                    await opts.window.set_limit(opts.start_window)
+                if self.needs_controller:
+                    controller = self._new_controller(self.window, opts.start_window)
+                    await controller.__aenter__()
+                    self._controller = controller
+        except BaseException:
+            await self._close_owned_window()
+            self._closed = True
+            raise
         self._entered = True
         return self
 
@@ -279,21 +355,153 @@ class ConcurSession:
     ) -> None:
         self._entered = False
         self._closed = True
-        controller, self._controller = self._controller, None
+        lead_task, self._lead_task = self._lead_task, None
+        leadership, self._leadership = self._leadership, None
         try:
-            if controller is not None:
-                self._final_controller_stats = controller.statistics()
-                await controller.__aexit__(exc_type, exc, tb)
+            failure = self._reign_failure
+            if lead_task is not None:
+                failure = await _stop(lead_task) or failure
+            try:
+                await self._end_reign(exc_type, exc, tb)
+            finally:
+                if leadership is not None:
+                    await leadership.__aexit__(None, None, None)
+            if failure is not None and exc is None:
+                raise failure
         finally:
-            if self.options.window is None:
-                await self.window.aclose()
+            await self._close_owned_window()
 
     def statistics(self) -> SessionStatistics:
         """A snapshot of the gate, its window and the controller."""
         controller = self._controller
+        leadership = self._leadership
         return SessionStatistics(
             gate=self.gate.statistics(),
             controller=(
                 controller.statistics() if controller is not None else self._final_controller_stats
             ),
+            leader=(
+                leadership is not None and leadership.is_leader and controller is not None
+                if self.distributed and self.needs_controller
+                else None
+            ),
         )
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _new_controller(self, window: Any, initial_window: int) -> Controller:
+        opts = self.options
+        source = opts.source
+        if source is None:
+            assert opts.vllm_url is not None
+            urls = [opts.vllm_url] if isinstance(opts.vllm_url, str) else list(opts.vllm_url)
+            source = VLLMMetricsSource(urls, client=opts.http_client)
+        return Controller(
+            source=source,
+            law=opts.law if opts.law is not None else ConcurLaw(),
+            window=window,
+            interval_s=opts.interval_s,
+            min_window=opts.min_window,
+            max_window=opts.max_window,
+            initial_window=initial_window,
+        )
+
+    async def _close_owned_window(self) -> None:
+        if self.options.window is None:
+            await self.window.aclose()
+
+    async def _enter_distributed(self, window: RedisWindow) -> None:
+        opts = self.options
+        # Join the stored window: a worker that starts late (or restarts) must not reset what
+        # the leader has learned; RedisWindow seeds initial_limit only into a new batch.
+        await window.refresh()
+        if (
+            opts.window is None
+            and isinstance(opts.law, FixedLaw)
+            and window.limit != opts.start_window
+        ):
+            # Every worker of a FixedLaw batch sets the same k: no writer can disagree. A
+            # window passed in is left alone: its owner may be driving it (its own leader).
+            await window.set_limit(opts.start_window)
+        if not self.needs_controller:
+            return
+        # The window's client is reused: one connection pool per process, and leadership
+        # calls fail exactly when window calls do.
+        assert window._client is not None
+        leadership = Leadership(client=window._client, batch_id=window.batch_id)
+        await leadership.__aenter__()
+        self._leadership = leadership
+        try:
+            if leadership.is_leader:
+                # A wrong vllm_url fails here, at entry, as it does for an in-process window.
+                await self._begin_reign(window, leadership)
+        except BaseException:
+            self._leadership = None
+            await leadership.__aexit__(None, None, None)
+            raise
+        self._lead_task = asyncio.create_task(
+            self._lead(window, leadership), name=f"concur-lead-{window.batch_id}"
+        )
+
+    async def _begin_reign(self, window: RedisWindow, leadership: Leadership) -> None:
+        opts = self.options
+        # Continue from the stored window, not from initial_window: the previous leader's
+        # last decision is the best estimate there is.
+        stored = (await window.refresh()).limit
+        stored = max(stored, opts.min_window)
+        if opts.max_window is not None:
+            stored = min(stored, opts.max_window)
+        controller = self._new_controller(leadership.fence(window), stored)
+        await controller.__aenter__()
+        self._controller = controller
+
+    async def _end_reign(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc: BaseException | None = None,
+        tb: TracebackType | None = None,
+    ) -> None:
+        controller, self._controller = self._controller, None
+        if controller is not None:
+            self._final_controller_stats = controller.statistics()
+            await controller.__aexit__(exc_type, exc, tb)
+
+    async def _lead(self, window: RedisWindow, leadership: Leadership) -> None:
+        """Run a controller during each reign of this process; follow in between."""
+        try:
+            await self._reigns(window, leadership)
+        except Exception:
+            logger.exception("concur: the leader loop of batch %r failed", window.batch_id)
+            # Resign: a process that cannot lead must not keep the lease, or nobody would
+            # drive the window for the rest of the batch. Raised again on exit.
+            await leadership.__aexit__(None, None, None)
+            raise
+
+    async def _reigns(self, window: RedisWindow, leadership: Leadership) -> None:
+        warned = False
+        while True:
+            if self._controller is None:
+                await leadership.wait_leader()
+                try:
+                    await self._begin_reign(window, leadership)
+                except ConcurError as exc:
+                    # The new leader cannot read /metrics (yet): keep the lease, so no other
+                    # worker starts a competing controller, hold the window, retry.
+                    if not warned:
+                        logger.warning(
+                            "concur: the leader of batch %r cannot start its controller, "
+                            "holding the window at %d: %s",
+                            window.batch_id,
+                            window.limit,
+                            exc,
+                        )
+                        warned = True
+                    await asyncio.sleep(self.options.interval_s)
+                    continue
+                warned = False
+            await leadership.wait_lost()
+            try:
+                await self._end_reign()
+            except Exception as exc:
+                # Already logged by the controller; this process may lead again later.
+                self._reign_failure = self._reign_failure or exc

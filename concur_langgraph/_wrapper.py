@@ -145,7 +145,12 @@ class ConcurGate:
         law: the control law; ``None`` is ``ConcurLaw()``. ``FixedLaw(k)`` needs no URL.
         **options: the other session options (``interval_s``, ``min_window``, ``max_window``,
             ``initial_window``, ``max_rps``, ``admission_timeout_s``, ``http_client``,
-            ``window``, ``source``, ``progress``), see :class:`SessionOptions`.
+            ``window``, ``source``, ``progress``, ``redis_url``, ``batch_id``), see
+            :class:`SessionOptions`.
+
+    Several worker processes share one window with ``redis_url`` and ``batch_id``: run
+    ``ConcurGate(graph, vllm_url=URL, redis_url="redis://...", batch_id="eval-1")`` in each;
+    one of them (the elected leader) polls ``/metrics`` and sizes the shared window.
     """
 
     def __init__(
