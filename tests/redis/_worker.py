@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -126,10 +127,15 @@ async def main(args: argparse.Namespace) -> None:
             nonlocal violations, max_excess
             aid = f"{args.name}-{i}"
             try:
-                for _ in range(args.steps):
+                for step in range(args.steps):
                     await gate.before_llm_call(aid)
                     if args.hold:
                         await asyncio.sleep(3600)
+                    if step == 0 and args.wait_file:
+                        # Keep the slot, doing nothing, until the test says go: makes "still
+                        # holding when the other worker arrives" independent of start-up time.
+                        while not os.path.exists(args.wait_file):
+                            await asyncio.sleep(0.05)
                     inflight, limit = await robust(
                         lambda: probe(keys=[active_key, limit_key], args=[aid, call_ms])
                     )
@@ -171,6 +177,7 @@ if __name__ == "__main__":
     parser.add_argument("--hb", type=float, default=0.2)
     parser.add_argument("--reconnect", type=float, default=30.0)
     parser.add_argument("--hold", action="store_true")
+    parser.add_argument("--wait-file", default="")
     parser.add_argument("--leader", action="store_true")
     parser.add_argument("--leader-ttl", type=float, default=1.0)
     parser.add_argument("--lead-period", type=float, default=0.05)

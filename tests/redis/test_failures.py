@@ -183,13 +183,14 @@ async def test_redis_restarted_mid_batch_workers_reconnect_and_finish(
 
 
 async def test_sigstopped_holder_learns_it_lost_its_lease_and_requeues(
-    redis_url: str, batch_id: str, spawn: Any
+    redis_url: str, batch_id: str, spawn: Any, tmp_path: Any
 ) -> None:
+    go = tmp_path / "go"
     client = redis_asyncio.Redis.from_url(redis_url)
     try:
         paused = await spawn(
             "S", *common(redis_url, batch_id, 2), "--agents", "2", "--steps", "6",
-            "--call-s", "0.05", "--tool-s", "0.05",
+            "--call-s", "0.05", "--tool-s", "0.05", "--wait-file", str(go),
         )  # fmt: skip
         await wait_redis(
             lambda: _eq(zcard(client, batch_id, "holders"), 2),
@@ -207,6 +208,7 @@ async def test_sigstopped_holder_learns_it_lost_its_lease_and_requeues(
         assert await others.wait(timeout_s=10 * TTL + STARTUP_S) == 0, others.stderr.decode()
         assert others.count("done") == 4
         paused.signal(signal.SIGCONT)
+        go.touch()  # S's agents take their next step: that is where they learn of the loss
         assert await paused.wait() == 0, paused.stderr.decode()[-2000:]
         fin = finished(paused)
         assert paused.count("done") == 2
