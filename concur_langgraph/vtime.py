@@ -102,7 +102,6 @@ _Ts = TypeVarTuple("_Ts")
 _THREAD_WAIT_CAP_S = 1.0
 
 
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VirtualLoopStatistics:
     """Counters of a :class:`VirtualEventLoop` since it was created."""
