@@ -1,0 +1,113 @@
+"""Admission policies a benchmark can run, by name.
+
+* ``none``: plain ``graph.abatch``, every agent at once, no gate (what users do today);
+* ``static:K``: the gate with ``FixedLaw(K)`` (a hand-set ``max_concurrency`` at agent level);
+* ``static-sweep``: ``static:K`` for several K (see :data:`DEFAULT_SWEEP`); the best is the
+  hand-tuned oracle a user could only find by running the batch several times;
+* ``auto``: the gate with its default law and defaults (``ConcurGate(graph, vllm_url=...)``
+  with no ``law``): what a user gets, whatever the default becomes;
+* every name in :data:`LAWS`: the gate with that adaptive law, driven by the server's
+  ``/metrics`` (``concur``: the paper's Eq. 1 with its constants, ``W0 = 4``; our laws of
+  ``_adaptive.py`` by their names).
+
+To add a law to the benchmarks, add one entry to :data:`LAWS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final
+
+from concur_langgraph._errors import ConfigError
+from concur_langgraph._laws import ConcurLaw, ControlLaw, FixedLaw
+
+__all__ = [
+    "AUTO",
+    "DEFAULT_SWEEP",
+    "LAWS",
+    "Policy",
+    "parse_policy",
+]
+
+
+def _laws() -> dict[str, Callable[[], ControlLaw]]:
+    # The paper's law, constants and all (alpha 2, beta 0.5, U 0.2/0.5, H 0.2).
+    laws: dict[str, Callable[[], ControlLaw]] = {"concur": ConcurLaw}
+    try:
+        from concur_langgraph import _adaptive
+    except ImportError:  # pragma: no cover - our own laws are optional for the harness
+        return laws
+    for name, attr in (
+        ("working-set", "WorkingSetLaw"),
+        ("loss-aimd", "LossAimdLaw"),
+        ("goodput", "GoodputLaw"),
+        ("climb", "ClimbLaw"),
+        ("descent", "DescentLaw"),
+    ):
+        factory = getattr(_adaptive, attr, None)
+        if factory is not None:
+            laws[name] = factory
+    return laws
+
+
+LAWS: Final[Mapping[str, Callable[[], ControlLaw]]] = MappingProxyType(_laws())
+"""Adaptive law name -> factory (a fresh law object per run: laws may keep history)."""
+
+AUTO: Final = "auto"
+"""The policy name of the gate's default law (``ConcurGate`` with ``law=None``)."""
+
+DEFAULT_SWEEP: Final = (2, 4, 8, 16, 32, 64, 128)
+"""Windows tried by ``static-sweep`` (those below the agent count, plus the agent count)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    """One admission policy of a benchmark run."""
+
+    name: str
+    """As given (``none``, ``static:8``, ``concur``, ...); the record's ``policy``."""
+    law: str | None
+    """Key of :data:`LAWS`, or :data:`AUTO`, for adaptive policies; ``None`` otherwise."""
+    fixed: int | None
+    """K for ``static:K``; ``None`` otherwise."""
+
+    @property
+    def gated(self) -> bool:
+        """Whether the run goes through ``ConcurGate``."""
+        return self.law is not None or self.fixed is not None
+
+    @property
+    def auto(self) -> bool:
+        """Whether this is the gate's default law (``law=None`` and default options)."""
+        return self.law == AUTO
+
+    def make_law(self) -> ControlLaw | None:
+        """A fresh law for one run; ``None`` for ``none`` and for ``auto`` (the default)."""
+        if self.fixed is not None:
+            return FixedLaw(self.fixed)
+        if self.law is not None and self.law != AUTO:
+            return LAWS[self.law]()
+        return None
+
+
+def parse_policy(text: str) -> Policy:
+    """A policy by name; ``static-sweep`` is expanded by the runner, not here."""
+    if text == "none":
+        return Policy(name=text, law=None, fixed=None)
+    if text.startswith("static:"):
+        raw = text.removeprefix("static:")
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"policy: static:K needs an integer K >= 1, got {text!r}")
+        return Policy(name=f"static:{int(raw)}", law=None, fixed=int(raw))
+    if text in LAWS or text == AUTO:
+        return Policy(name=text, law=text, fixed=None)
+    known = ", ".join(["none", "static:K", "static-sweep", AUTO, *sorted(LAWS)])
+    raise ConfigError(f"policy: unknown policy {text!r}; known: {known}")
+
+
+def sweep_windows(agents: int, windows: tuple[int, ...] = DEFAULT_SWEEP) -> list[int]:
+    """The windows ``static-sweep`` tries for a batch of ``agents``: below it, and it."""
+    picked = sorted({k for k in windows if k < agents})
+    return [*picked, agents]

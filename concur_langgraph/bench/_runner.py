@@ -1,0 +1,501 @@
+"""Run one benchmark: a workload, an admission policy, a backend -> one record (a JSON dict).
+
+Backends:
+
+* **simulator** (:class:`SimBackend`): a fresh :class:`SimServer` per run, driven in virtual
+  time (:func:`concur_langgraph.vtime.run`): the whole real client stack (LangGraph, ChatOpenAI,
+  the openai SDK, httpx on an ASGI transport) runs against the simulated engine while the
+  clock jumps; a run is exact and repeatable, and takes seconds of wall time;
+* **real vLLM** (:class:`UrlBackend`): any vLLM URL, in real time.
+
+Client settings are deliberate (../shared/notes/langgraph.md): on the simulator the model has
+``max_retries=0`` (the simulator never fails transiently, and a silent retry would redo work
+and distort the numbers) and a one-hour timeout (a request may legitimately wait many simulated
+minutes in a thrashing server's queue; the openai SDK's 10-minute default would fail it - the
+ASGI transport itself enforces no timeout). Against a real server: a 30-minute timeout, two
+retries for connection-level failures, and an HTTP pool large enough for every agent (the SDK's
+default pool of 100 connections would silently cap the batch).
+
+A sampler task reads the server's ``/metrics`` (through the same :class:`VLLMMetricsSource`
+the controller uses) and the gate's statistics every ``interval_s`` and appends one row to the
+record's time series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from concur_langgraph import vtime
+from concur_langgraph._errors import ConfigError, MetricsError
+from concur_langgraph._signals import VLLMMetricsSource
+from concur_langgraph._wrapper import ConcurGate
+from concur_langgraph.sim._config import SimConfig
+from concur_langgraph.sim._presets import get_preset
+from concur_langgraph.sim._server import SimServer
+
+from ._agents import AgentTracker, agent_input, build_agent_graph, recursion_limit, system_prompt
+from ._bound import lower_bound
+from ._policies import Policy, parse_policy, sweep_windows
+from ._workload import Workload
+
+__all__ = [
+    "INITIAL_WINDOW",
+    "RECORD_KEYS",
+    "SERIES_KEYS",
+    "Backend",
+    "SimBackend",
+    "UrlBackend",
+    "run_benchmark",
+    "run_one",
+    "sweep_summary",
+]
+
+INITIAL_WINDOW = 4
+"""Window before the first tick of adaptive laws (the choice of two re-implementations of the
+paper, which does not state one)."""
+
+SIM_TIMEOUT_S = 3600.0
+REAL_TIMEOUT_S = 1800.0
+REAL_RETRIES = 2
+
+RECORD_KEYS = (
+    "workload",
+    "policy",
+    "backend",
+    "makespan_s",
+    "generated_tokens",
+    "tokens_per_s",
+    "prompt_tokens_computed",
+    "prompt_tokens_computed_source",
+    "prefix_hit_rate",
+    "preemptions",
+    "window_peak",
+    "window_mean",
+    "agents",
+    "agents_ok",
+    "agents_failed",
+    "llm_calls",
+    "parks",
+    "lower_bound_s",
+    "interval_s",
+    "wall_s",
+    "errors",
+    "series",
+)
+"""Keys of every record (values may be ``None`` where they do not apply)."""
+
+SERIES_KEYS = (
+    "t",
+    "kv_usage",
+    "hit_rate",
+    "window",
+    "active",
+    "parked",
+    "gate_waiting",
+    "running",
+    "waiting",
+    "preemptions",
+    "finished",
+)
+"""Columns of ``record["series"]`` (a dict of equal-length lists)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimBackend:
+    """The simulator, in virtual time; a fresh engine per run."""
+
+    config: SimConfig
+    """The engine's configuration."""
+    name: str
+    """Preset name or config file, for the record's ``backend``."""
+
+    @classmethod
+    def preset(cls, name: str) -> SimBackend:
+        """A simulator preset by name (``h100-qwen3-32b-tp2``, ``cpu-tiny``, ...)."""
+        return cls(config=get_preset(name), name=name)
+
+    @property
+    def label(self) -> str:
+        """``sim:<name>``."""
+        return f"sim:{self.name}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UrlBackend:
+    """A real vLLM server, in real time."""
+
+    url: str
+    """Base URL (``http://host:port``; ``/v1`` and ``/metrics`` are derived)."""
+    model: str | None = None
+    """Served model name; ``None``: the first one ``/v1/models`` lists."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"url: expected an http(s) URL, got {self.url!r}")
+
+    @property
+    def root(self) -> str:
+        """The server root (no ``/v1``)."""
+        return self.url.rstrip("/").removesuffix("/v1")
+
+    @property
+    def label(self) -> str:
+        """``vllm:<url>``."""
+        return f"vllm:{self.root}"
+
+
+Backend = SimBackend | UrlBackend
+
+_COUNTER_NAMES = {
+    "vllm:prompt_tokens_total": "prompt_tokens",
+    "vllm:prompt_tokens_cached_total": "prompt_tokens_cached",
+    "vllm:generation_tokens_total": "generation_tokens",
+    "vllm:num_preemptions_total": "preemptions",
+    "vllm:prefix_cache_queries_total": "prefix_queries",
+    "vllm:prefix_cache_hits_total": "prefix_hits",
+}
+
+
+async def _counters(client: httpx.AsyncClient, root: str) -> dict[str, float]:
+    """The vLLM counters the record needs, summed over engines, from one /metrics scrape."""
+    response = await client.get(f"{root}/metrics")
+    response.raise_for_status()
+    totals = dict.fromkeys(_COUNTER_NAMES.values(), 0.0)
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            key = _COUNTER_NAMES.get(sample.name)
+            if key is not None:
+                totals[key] += float(sample.value)
+    return totals
+
+
+class _Sampler:
+    """Appends one row per interval: server signals and the gate's standing."""
+
+    def __init__(
+        self,
+        source: VLLMMetricsSource,
+        gate: ConcurGate | None,
+        tracker: AgentTracker,
+        *,
+        t0: float,
+        interval_s: float,
+        on_row: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        self.source = source
+        self.gate = gate
+        self.tracker = tracker
+        self.t0 = t0
+        self.interval_s = interval_s
+        self.on_row = on_row
+        self.series: dict[str, list[Any]] = {key: [] for key in SERIES_KEYS}
+
+    async def row(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        try:
+            sample = await self.source.sample(now)
+        except MetricsError:
+            sample = None
+        stats = self.gate.statistics() if self.gate is not None else None
+        gate = stats.gate if stats is not None else None
+        tr = self.tracker
+        row: dict[str, Any] = {
+            "t": round(now - self.t0, 6),
+            "kv_usage": sample.kv_usage if sample is not None else None,
+            "hit_rate": sample.prefix_hit_rate if sample is not None else None,
+            "window": gate.window.limit if gate is not None else None,
+            # Without a gate every started agent is active; with one, those holding a slot.
+            "active": gate.active if gate is not None else tr.active,
+            "parked": gate.parked if gate is not None else 0,
+            "gate_waiting": gate.waiting if gate is not None else 0,
+            "running": sample.running if sample is not None else None,
+            "waiting": sample.waiting if sample is not None else None,
+            "preemptions": sample.preemptions if sample is not None else None,
+            "finished": tr.finished,
+        }
+        for key in SERIES_KEYS:
+            self.series[key].append(row[key])
+        if self.on_row is not None:
+            self.on_row(row)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time()
+        while True:
+            await self.row()
+            deadline += self.interval_s
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+
+
+async def _served_model(client: httpx.AsyncClient, root: str) -> str:
+    try:
+        response = await client.get(f"{root}/v1/models")
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise ConfigError(f"url: cannot list the models of {root}: {exc}") from exc
+    data = response.json().get("data") or []
+    if not data:
+        raise ConfigError(f"url: {root}/v1/models lists no model")
+    return str(data[0]["id"])
+
+
+def _window_stats(series: dict[str, list[Any]]) -> tuple[int | None, float | None]:
+    windows = [w for w in series["window"] if w is not None]
+    if not windows:
+        return None, None
+    return max(windows), sum(windows) / len(windows)
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+async def _run_async(
+    workload: Workload,
+    policy: Policy,
+    backend: Backend,
+    *,
+    interval_s: float,
+    on_row: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    from langchain_openai import ChatOpenAI
+
+    loop = asyncio.get_running_loop()
+    server: SimServer | None = None
+    if isinstance(backend, SimBackend):
+        server = SimServer(backend.config)
+        root = server.root_url
+        client = server.http_client()
+        gate_client = server.http_client()
+        model_client = server.http_client()
+        model = server.chat_model(
+            timeout=SIM_TIMEOUT_S, max_retries=0, http_async_client=model_client
+        )
+    else:
+        root = backend.root
+        client = httpx.AsyncClient(timeout=30.0)
+        gate_client = httpx.AsyncClient(timeout=30.0)
+        try:
+            name = backend.model or await _served_model(client, root)
+        except BaseException:
+            await client.aclose()
+            await gate_client.aclose()
+            raise
+        limits = httpx.Limits(max_connections=workload.agents + 16, max_keepalive_connections=None)
+        model_client = httpx.AsyncClient(limits=limits, timeout=REAL_TIMEOUT_S)
+        model = ChatOpenAI(
+            model=name,
+            base_url=f"{root}/v1",
+            api_key="EMPTY",  # type: ignore[arg-type]
+            timeout=REAL_TIMEOUT_S,
+            max_retries=REAL_RETRIES,
+            stream_usage=True,
+            http_async_client=model_client,
+        )
+    tracker = AgentTracker()
+    graph = build_agent_graph(model, tracker)
+    plans = workload.plans()
+    system = system_prompt(workload)
+    inputs = [agent_input(workload, plan, system=system) for plan in plans]
+    configs: list[Any] = [{"recursion_limit": recursion_limit(plan)} for plan in plans]
+    law = policy.make_law()
+    gate: ConcurGate | None = None
+    if policy.fixed is not None:
+        gate = ConcurGate(graph, law=law, progress=False)
+    elif policy.auto:
+        # What a user gets from ConcurGate(graph, vllm_url=...): the default law and options.
+        gate = ConcurGate(
+            graph, vllm_url=root, http_client=gate_client, interval_s=interval_s, progress=False
+        )
+    elif policy.law is not None:
+        # A law that wants the batch to start with every agent admitted says so (starts_open);
+        # the others start at the paper's W0. A window above the agent count means nothing.
+        opened = bool(getattr(law, "starts_open", False))
+        gate = ConcurGate(
+            graph,
+            vllm_url=root,
+            http_client=gate_client,
+            law=law,
+            interval_s=interval_s,
+            initial_window=workload.agents if opened else min(INITIAL_WINDOW, workload.agents),
+            max_window=workload.agents,
+            progress=False,
+        )
+    source = VLLMMetricsSource(root, client=client)
+    wall0 = time.perf_counter()
+    try:
+        await source.start()
+        before = await _counters(client, root)
+        t0 = loop.time()
+        sampler = _Sampler(
+            source,
+            gate,
+            tracker,
+            t0=t0,
+            interval_s=interval_s,
+            on_row=on_row,
+        )
+        sampler_task = asyncio.create_task(sampler.run())
+        try:
+            if gate is None:
+                results = await graph.abatch(inputs, configs, return_exceptions=True)
+            else:
+                results = await gate.abatch(inputs, configs, return_exceptions=True)
+            makespan = loop.time() - t0
+        finally:
+            sampler_task.cancel()
+            try:
+                await sampler_task
+            except asyncio.CancelledError:
+                pass
+        await sampler.row()  # the state at the end
+        after = await _counters(client, root)
+        engine_computed = (
+            server.engine.metrics().prompt_tokens_computed if server is not None else None
+        )
+    finally:
+        await source.aclose()
+        await client.aclose()
+        await gate_client.aclose()
+        await model_client.aclose()
+        if server is not None:
+            await server.engine.aclose()
+    wall = time.perf_counter() - wall0
+
+    errors = [_short(r) for r in results if isinstance(r, BaseException)]
+    delta = {key: after[key] - before[key] for key in after}
+    if engine_computed is not None:
+        computed: int | None = int(engine_computed)
+        computed_source = "simulator engine counter (every prefilled token, recompute included)"
+    else:
+        computed = int(delta["prompt_tokens"] - delta["prompt_tokens_cached"])
+        computed_source = (
+            "vLLM /metrics: prompt_tokens_total - prompt_tokens_cached_total deltas "
+            "(vLLM leaves re-prefills after a preemption out of these counters)"
+        )
+    queries = delta["prefix_queries"]
+    stats = gate.statistics() if gate is not None else None
+    window_peak, window_mean = _window_stats(sampler.series)
+    generated = tracker.generated_tokens
+    bound = (
+        lower_bound(workload, backend.config).bound_s if isinstance(backend, SimBackend) else None
+    )
+    return {
+        "workload": workload.name,
+        "policy": policy.name,
+        "backend": backend.label,
+        "makespan_s": makespan,
+        "generated_tokens": generated,
+        "tokens_per_s": generated / makespan if makespan > 0 else None,
+        "prompt_tokens_computed": computed,
+        "prompt_tokens_computed_source": computed_source,
+        "prefix_hit_rate": delta["prefix_hits"] / queries if queries > 0 else None,
+        "preemptions": int(delta["preemptions"]),
+        "window_peak": window_peak,
+        "window_mean": window_mean,
+        "agents": workload.agents,
+        "agents_ok": len(results) - len(errors),
+        "agents_failed": len(errors),
+        "llm_calls": tracker.llm_calls,
+        "parks": stats.gate.parks_total if stats is not None else 0,
+        "lower_bound_s": bound,
+        "interval_s": interval_s,
+        "wall_s": wall,
+        "errors": errors[:5],
+        "series": sampler.series,
+    }
+
+
+def run_one(
+    workload: Workload,
+    policy: Policy | str,
+    backend: Backend,
+    *,
+    interval_s: float = 1.0,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run one (workload, policy, backend) and return its record (see :data:`RECORD_KEYS`).
+
+    Simulator runs use virtual time (exact, repeatable); real servers real time. Must be
+    called outside a running event loop. ``on_row`` sees every time-series row (progress).
+    """
+    if isinstance(policy, str):
+        if policy == "static-sweep":
+            raise ConfigError("policy: static-sweep is several runs; use run_benchmark")
+        policy = parse_policy(policy)
+    if not (isinstance(interval_s, int | float) and math.isfinite(interval_s) and interval_s > 0):
+        raise ConfigError(f"interval_s: must be a number > 0, got {interval_s!r}")
+    coro = _run_async(workload, policy, backend, interval_s=interval_s, on_row=on_row)
+    if isinstance(backend, SimBackend):
+        return vtime.run(coro)
+    return asyncio.run(coro)
+
+
+def sweep_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The ``static-sweep`` record of several ``static:K`` runs: a copy of the best one (the
+    shortest makespan among runs with no failed agent) with ``best_k`` and ``sweep``
+    (policy -> makespan) added."""
+    if not runs:
+        raise ConfigError("sweep: no static runs to summarise")
+    ok = [r for r in runs if r["agents_failed"] == 0] or list(runs)
+    best = min(ok, key=lambda r: r["makespan_s"])
+    summary = dict(best)
+    summary["policy"] = "static-sweep"
+    summary["best_k"] = int(str(best["policy"]).removeprefix("static:"))
+    summary["sweep"] = {r["policy"]: r["makespan_s"] for r in runs}
+    return summary
+
+
+def run_benchmark(
+    workload: Workload,
+    policies: Sequence[str],
+    backend: Backend,
+    *,
+    interval_s: float = 1.0,
+    sweep: Sequence[int] | None = None,
+    on_start: Callable[[str], None] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Every policy of ``policies`` on one workload; ``static-sweep`` expands to its runs plus
+    one summary record (the best static window, with ``best_k`` and ``sweep``)."""
+    parsed: list[Policy | list[int]] = []
+    for name in policies:
+        if name == "static-sweep":
+            windows = (
+                sweep_windows(workload.agents)
+                if sweep is None
+                else sorted({k for k in sweep if k >= 1})
+            )
+            if not windows:
+                raise ConfigError("sweep: needs at least one window >= 1")
+            parsed.append(windows)
+        else:
+            parsed.append(parse_policy(name))
+    records: list[dict[str, Any]] = []
+    for item in parsed:
+        if isinstance(item, Policy):
+            if on_start is not None:
+                on_start(item.name)
+            records.append(run_one(workload, item, backend, interval_s=interval_s, on_row=on_row))
+            continue
+        runs = []
+        for k in item:
+            name = f"static:{k}"
+            if on_start is not None:
+                on_start(name)
+            runs.append(
+                run_one(workload, parse_policy(name), backend, interval_s=interval_s, on_row=on_row)
+            )
+        records.extend(runs)
+        records.append(sweep_summary(runs))
+    return records
