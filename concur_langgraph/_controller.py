@@ -240,9 +240,24 @@ class Controller:
             return sample
         self._recovered(now)
         self._last_good_time = now
-        proposed = self._law.next_window(self._window.limit, sample)
+        current = self._window.limit
+        proposed = self._law.next_window(current, sample)
+        if proposed > current and getattr(self._law, "follows_demand", True):
+            proposed = max(current, min(proposed, self._demand(proposed)))
         await self._set_window(self._clamp(proposed), sample=sample, now=now)
         return sample
+
+    def _demand(self, default: int) -> int:
+        # Window validation, as TCP does for an application-limited sender (RFC 7661): grow
+        # only up to the agents that want a slot (holders + waiters). Slots nobody can use are
+        # not evidence that more would be fine, and a window inflated past the batch during
+        # a quiet phase takes several halvings to come back when thrashing starts (a 48-agent
+        # batch reached a window of 386 without this).
+        statistics = getattr(self._window, "statistics", None)
+        if statistics is None:
+            return default
+        stats = statistics()
+        return int(stats.holders + stats.waiting_new + stats.waiting_parked)
 
     def statistics(self) -> ControllerStatistics:
         """A snapshot of the controller's state."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 from ._errors import ConfigError
 from ._signals import Sample
@@ -109,6 +109,10 @@ class FixedLaw:
 
     k: int
     """The window, in agents (>= 1)."""
+
+    follows_demand: ClassVar[bool] = False
+    """The controller caps growth at the agents wanting a slot, except for a law like this one
+    whose window is an explicit target rather than a probe."""
 
     def __post_init__(self) -> None:
         if not _is_count(self.k) or self.k < 1:

@@ -466,6 +466,8 @@ def test_controller_drives_a_local_window_from_vllm_metrics() -> None:
 
     async def main() -> list[int]:
         window = LocalWindow(1)
+        # Ten agents want slots, so growth is never limited by demand here.
+        agents = [asyncio.create_task(window.acquire(f"agent{i}")) for i in range(10)]
         history: list[int] = []
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
             source = VLLMMetricsSource("http://vllm:8000/v1", client=client)
@@ -477,6 +479,9 @@ def test_controller_drives_a_local_window_from_vllm_metrics() -> None:
             )
             async with ctl:
                 await asyncio.sleep(5.5)
+        for agent in agents:
+            agent.cancel()
+        await asyncio.gather(*agents, return_exceptions=True)
         await window.aclose()
         return history
 
@@ -539,3 +544,32 @@ def test_a_tick_that_lasts_exactly_one_interval_skips_nothing() -> None:
     stats = vtime.run(main())
     assert source.times == [1.0, 2.0, 3.0, 4.0]
     assert stats.overruns == 0
+
+
+async def test_growth_stops_at_the_agents_that_want_a_slot() -> None:
+    # Plenty of room (usage 0.1: the law says +2 per tick), but only 5 agents hold or wait:
+    # the window grows to 5 and no further (an application-limited window, RFC 7661).
+    window = LocalWindow(1)
+    permits = [await window.acquire(f"a{i}") for i in range(1)]
+    waiters = [asyncio.create_task(window.acquire(f"w{i}")) for i in range(4)]
+    await asyncio.sleep(0)
+    source = ScriptedSource([Step(usage=0.1)])
+    async with controller(source, window, initial_window=1) as ctl:
+        for _ in range(5):
+            await ctl.tick()
+        assert window.limit == 5
+        await asyncio.sleep(0)
+        assert all(w.done() for w in waiters)
+    for p in [*permits, *(w.result() for w in waiters)]:
+        await window.release(p)
+    await window.aclose()
+
+
+async def test_fixed_law_is_not_capped_by_demand() -> None:
+    window = LocalWindow(1)
+    async with controller(
+        ScriptedSource([Step()]), window, law=FixedLaw(8), initial_window=1
+    ) as ctl:
+        await ctl.tick()
+        assert window.limit == 8  # nobody waits, but a static window is an explicit target
+    await window.aclose()

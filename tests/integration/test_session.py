@@ -123,9 +123,10 @@ def test_the_controller_grows_the_window_while_the_cache_is_empty() -> None:
         assert_continuous(tracker, result, 3)
     stats = gate.statistics()
     assert stats is not None and stats.controller is not None
-    # ConcurLaw adds alpha=2 per 1 s tick below u_low: 1 -> 3 -> 5 -> 7 -> 9 ...
+    # ConcurLaw adds alpha=2 per 1 s tick below u_low: 1 -> 3 -> 5 -> 7 -> 8, where growth
+    # stops at the 8 agents of the batch (the controller never grows past the demand).
     assert stats.controller.changes >= 4
-    assert stats.gate.window.limit >= 9
+    assert stats.gate.window.limit == 8
     assert tracker.max_active == 8
     assert source.closed and source.samples == stats.controller.ticks
 
