@@ -14,6 +14,7 @@ workers' agents loop until the test creates a stop file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -153,6 +154,27 @@ async def stored_limit(client: Any, batch_id: str) -> int:
     return int(await client.get(batch_key(batch_id, "limit")))
 
 
+@contextlib.asynccontextmanager
+async def demand(redis_url: str, batch_id: str, agents: int = 40) -> AsyncIterator[None]:
+    """Agents queued on the shared window from another client.
+
+    The controller grows the window only up to the agents that hold or wait for a slot, so a
+    test that watches the window grow needs some; they take slots as it grows and send nothing
+    (the cache stays empty, so the law keeps growing).
+    """
+    window = RedisWindow(redis_url, batch_id=batch_id)
+    async with window:
+        tasks = [asyncio.create_task(window.acquire(f"demand-{i}")) for i in range(agents)]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for result in await asyncio.gather(*tasks, return_exceptions=True):
+                if not isinstance(result, BaseException):
+                    await window.release(result)
+
+
 def session_options(sim_url: str, redis_url: str, batch_id: str, **extra: Any) -> SessionOptions:
     return SessionOptions(
         vllm_url=sim_url,
@@ -256,48 +278,49 @@ async def _changed(client: Any, batch_id: str, old: int) -> bool:
 async def test_a_joining_worker_keeps_the_window_and_takes_over_from_it(
     sim: SimServer, redis_url: str, batch_id: str, rclient: Any
 ) -> None:
-    first = ConcurSession(session_options(sim.url, redis_url, batch_id))
-    second = ConcurSession(session_options(sim.url, redis_url, batch_id))
-    await first.__aenter__()
-    try:
-        assert first.statistics().leader is True
-        # No agents run, so the KV cache is empty and the law only grows the window.
-        await until(
-            lambda: _at_least(rclient, batch_id, INITIAL + 6),
-            timeout_s=10,
-            what="the window to grow",
-        )
-        async with second:
-            joined = await stored_limit(rclient, batch_id)
-            assert joined >= INITIAL + 6, "the joining worker reset the window"
-            stats = second.statistics()
-            assert stats.leader is False and stats.controller is None
-            assert stats.gate.window.limit >= INITIAL + 6
-            # The follower's statistics follow the leader's moves.
-            await eventually(
-                lambda: second.statistics().gate.window.limit > joined,
-                timeout_s=5,
-                what="the follower to see a move",
-            )
-            await first.__aexit__(None, None, None)
-            handed = await stored_limit(rclient, batch_id)
-            # A clean exit resigns: the hand-over takes one campaign period, not a lease.
-            await eventually(
-                lambda: second.statistics().leader is True, timeout_s=10, what="hand-over"
-            )
-            assert await stored_limit(rclient, batch_id) >= handed
+    async with demand(redis_url, batch_id):
+        first = ConcurSession(session_options(sim.url, redis_url, batch_id))
+        second = ConcurSession(session_options(sim.url, redis_url, batch_id))
+        await first.__aenter__()
+        try:
+            assert first.statistics().leader is True
+            # No agents run, so the KV cache is empty and the law only grows the window.
             await until(
-                lambda: _at_least(rclient, batch_id, handed + 2),
-                timeout_s=5,
-                what="the new leader to move the window",
+                lambda: _at_least(rclient, batch_id, INITIAL + 6),
+                timeout_s=10,
+                what="the window to grow",
             )
-        final = second.statistics()
-        assert final.controller is not None and final.controller.ticks > 0
-        assert first.statistics().controller is not None
-    finally:
-        if not first.closed:
-            await first.__aexit__(None, None, None)
-    assert await rclient.get(batch_key(batch_id, "leader")) is None
+            async with second:
+                joined = await stored_limit(rclient, batch_id)
+                assert joined >= INITIAL + 6, "the joining worker reset the window"
+                stats = second.statistics()
+                assert stats.leader is False and stats.controller is None
+                assert stats.gate.window.limit >= INITIAL + 6
+                # The follower's statistics follow the leader's moves.
+                await eventually(
+                    lambda: second.statistics().gate.window.limit > joined,
+                    timeout_s=5,
+                    what="the follower to see a move",
+                )
+                await first.__aexit__(None, None, None)
+                handed = await stored_limit(rclient, batch_id)
+                # A clean exit resigns: the hand-over takes one campaign period, not a lease.
+                await eventually(
+                    lambda: second.statistics().leader is True, timeout_s=10, what="hand-over"
+                )
+                assert await stored_limit(rclient, batch_id) >= handed
+                await until(
+                    lambda: _at_least(rclient, batch_id, handed + 2),
+                    timeout_s=5,
+                    what="the new leader to move the window",
+                )
+            final = second.statistics()
+            assert final.controller is not None and final.controller.ticks > 0
+            assert first.statistics().controller is not None
+        finally:
+            if not first.closed:
+                await first.__aexit__(None, None, None)
+        assert await rclient.get(batch_key(batch_id, "leader")) is None
 
 
 async def _at_least(client: Any, batch_id: str, value: int) -> bool:
@@ -410,31 +433,34 @@ async def test_a_successor_that_cannot_scrape_keeps_the_lease_and_holds_the_wind
     rclient: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    dead = f"http://127.0.0.1:{_closed_port()}"
-    first = ConcurSession(session_options(sim.url, redis_url, batch_id))
-    blind = ConcurSession(session_options(dead, redis_url, batch_id))
-    await first.__aenter__()
-    try:
-        await until(lambda: _at_least(rclient, batch_id, INITIAL + 2), timeout_s=10, what="growth")
-        async with blind:
-            await first.__aexit__(None, None, None)
-            held = await stored_limit(rclient, batch_id)
-            lead = blind.leadership
-            assert lead is not None
-            await eventually(lambda: lead.is_leader, timeout_s=10, what="hand-over")
-            await eventually(
-                lambda: "cannot start its controller" in caplog.text,
-                timeout_s=5,
-                what="the warning",
+    async with demand(redis_url, batch_id):
+        dead = f"http://127.0.0.1:{_closed_port()}"
+        first = ConcurSession(session_options(sim.url, redis_url, batch_id))
+        blind = ConcurSession(session_options(dead, redis_url, batch_id))
+        await first.__aenter__()
+        try:
+            await until(
+                lambda: _at_least(rclient, batch_id, INITIAL + 2), timeout_s=10, what="growth"
             )
-            # It keeps the lease (no second controller can start elsewhere) and holds.
-            key = (await rclient.get(batch_key(batch_id, "leader"))).decode()
-            assert key.startswith(f"{lead.owner}|")
-            assert blind.statistics().leader is False
-            assert await stored_limit(rclient, batch_id) == held
-    finally:
-        if not first.closed:
-            await first.__aexit__(None, None, None)
+            async with blind:
+                await first.__aexit__(None, None, None)
+                held = await stored_limit(rclient, batch_id)
+                lead = blind.leadership
+                assert lead is not None
+                await eventually(lambda: lead.is_leader, timeout_s=10, what="hand-over")
+                await eventually(
+                    lambda: "cannot start its controller" in caplog.text,
+                    timeout_s=5,
+                    what="the warning",
+                )
+                # It keeps the lease (no second controller can start elsewhere) and holds.
+                key = (await rclient.get(batch_key(batch_id, "leader"))).decode()
+                assert key.startswith(f"{lead.owner}|")
+                assert blind.statistics().leader is False
+                assert await stored_limit(rclient, batch_id) == held
+        finally:
+            if not first.closed:
+                await first.__aexit__(None, None, None)
 
 
 def _closed_port() -> int:
