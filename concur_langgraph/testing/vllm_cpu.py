@@ -559,6 +559,11 @@ def _server_command(python: Path, model_dir: Path, port: int, cfg: VLLMServerCon
         "--enforce-eager",
         # Without it the usage block has no prompt_tokens_details.cached_tokens.
         "--enable-prompt-tokens-details",
+        # langchain's create_agent binds its tools (tool_choice "auto"), which vLLM refuses
+        # with a 400 unless a tool parser is on: serve as users serving agents do.
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "hermes",
         *cfg.extra_args,
     ]
 

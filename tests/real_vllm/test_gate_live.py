@@ -421,15 +421,9 @@ async def test_gate_cuts_preemptions_of_an_oversubscribed_batch(real_vllm: Runni
     [
         "wrapper_abatch",
         "callback_handler",
-        pytest.param(
-            "create_agent_middleware",
-            # Seen 2026-11-25: every agent fails; the server answers 400 Bad Request to each
-            # call. create_agent binds the example's tool, so the request carries tools (and
-            # tool_choice "auto"), which vLLM refuses unless started with
-            # --enable-auto-tool-choice and a tool parser. The example needs fixing (bind no
-            # tool when the server has no parser); strict, so the fix turns this into a pass.
-            marks=pytest.mark.xfail(strict=True, reason="vLLM 400: tools without a parser"),
-        ),
+        # create_agent binds its tool (tool_choice "auto"): the tier's server runs with
+        # --enable-auto-tool-choice, without which vLLM answers 400 to every call.
+        "create_agent_middleware",
         "gate_node",
     ],
 )
