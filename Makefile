@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint typecheck system-deps real-vllm bench clean help
+.PHONY: demo test test-fast lint typecheck system-deps real-vllm bench bench-fidelity clean help
 
 help:
 	@echo "make demo    - LangGraph agent batch on the simulator, without and with the gate"
@@ -47,6 +47,11 @@ test: $(STAMP) system-deps real-vllm lint typecheck
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/fidelity.py --stages sim,report --policy none --policy static:12 --policy static:4 --policy concur
+
+# The simulator against a real vLLM CPU server (calibration + the same workloads on both): ~35 min.
+bench-fidelity: $(STAMP) real-vllm
+	$(BIN)/python benchmarks/fidelity.py --serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache out
