@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import typing
 
+from ._adaptive import AdmitLaw
 from ._callbacks import ConcurCallbackHandler
 from ._controller import Controller, ControllerStatistics, WindowChange
 from ._errors import (
@@ -46,6 +47,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdmissionTimeoutError",
     "AdmissionWindow",
+    "AdmitLaw",
     "ConcurCallbackHandler",
     "ConcurError",
     "ConcurGate",

@@ -9,6 +9,7 @@ progress and waiting agents are always eventually admitted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Protocol
 from ._errors import ConfigError, MetricsError
 from ._laws import ControlLaw
 from ._signals import Sample, SignalSource
+from ._window import WindowStatistics
 
 __all__ = ["Controller", "ControllerStatistics", "WindowChange"]
 
@@ -241,23 +243,33 @@ class Controller:
         self._recovered(now)
         self._last_good_time = now
         current = self._window.limit
+        stats = self._window_statistics()
+        if stats is not None:
+            # What the window knows and the server cannot: how many agents hold slots and how
+            # many wait (laws such as AdmitLaw size the window from them).
+            sample = dataclasses.replace(
+                sample,
+                agents_admitted=stats.holders,
+                agents_queued=stats.waiting_new + stats.waiting_parked,
+            )
+            self._last_sample = sample
         proposed = self._law.next_window(current, sample)
-        if proposed > current and getattr(self._law, "follows_demand", True):
-            proposed = max(current, min(proposed, self._demand(proposed)))
+        if proposed > current and stats is not None and getattr(self._law, "follows_demand", True):
+            # Window validation, as TCP does for an application-limited sender (RFC 7661):
+            # grow only up to the agents that want a slot. Slots nobody can use are no evidence
+            # that more would be fine, and a window inflated past the batch in a quiet phase
+            # takes several halvings to come back when thrashing starts (a 48-agent batch
+            # reached a window of 386 without this).
+            demand = stats.holders + stats.waiting_new + stats.waiting_parked
+            proposed = max(current, min(proposed, demand))
         await self._set_window(self._clamp(proposed), sample=sample, now=now)
         return sample
 
-    def _demand(self, default: int) -> int:
-        # Window validation, as TCP does for an application-limited sender (RFC 7661): grow
-        # only up to the agents that want a slot (holders + waiters). Slots nobody can use are
-        # not evidence that more would be fine, and a window inflated past the batch during
-        # a quiet phase takes several halvings to come back when thrashing starts (a 48-agent
-        # batch reached a window of 386 without this).
+    def _window_statistics(self) -> WindowStatistics | None:
+        # Optional: the controller only needs limit/set_limit; a window that also reports its
+        # holders and waiters lets the laws see them and caps growth at the demand.
         statistics = getattr(self._window, "statistics", None)
-        if statistics is None:
-            return default
-        stats = statistics()
-        return int(stats.holders + stats.waiting_new + stats.waiting_parked)
+        return None if statistics is None else statistics()  # type: ignore[no-any-return]
 
     def statistics(self) -> ControllerStatistics:
         """A snapshot of the controller's state."""

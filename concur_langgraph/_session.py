@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from ._adaptive import OPEN
 from ._controller import Controller, ControllerStatistics, _stop
 from ._errors import ConcurError, ConfigError
 from ._gate import Gate, GateStatistics
@@ -63,7 +64,7 @@ class OtherSessionKwargs(TypedDict, total=False):
     interval_s: float
     min_window: int
     max_window: int | None
-    initial_window: int
+    initial_window: int | None
     max_rps: float | None
     admission_timeout_s: float | None
     http_client: httpx.AsyncClient | None
@@ -107,8 +108,10 @@ class SessionOptions:
     max_window: int | None = None
     """Largest window the controller may set; ``None`` is no cap (the law's own dynamics and
     the agent count bound it)."""
-    initial_window: int = 4
-    """Window at the start of the batch, before the first sample. Small, because admitting
+    initial_window: int | None = None
+    """Window at the start of the batch, before the first sample; ``None`` is the law's choice:
+    open (``max_window``, or every agent) for a law that starts open (``AdmitLaw``), else 4.
+    Small for the other laws, because admitting
     is cheap to undo (the law grows by ``alpha`` per tick while the cache is under-used) while
     an over-admitted start thrashes the cache before the first sample arrives. With a shared
     window it only seeds a batch that does not exist yet: a joining worker keeps the stored
@@ -175,7 +178,9 @@ class SessionOptions:
                 f"max_window: must be None or an integer >= min_window ({self.min_window}), "
                 f"got {self.max_window!r}"
             )
-        if not (_is_count(self.initial_window) and self.initial_window >= 1):
+        if self.initial_window is not None and not (
+            _is_count(self.initial_window) and self.initial_window >= 1
+        ):
             raise ConfigError(
                 f"initial_window: must be an integer >= 1, got {self.initial_window!r}"
             )
@@ -215,12 +220,25 @@ class SessionOptions:
     @property
     def start_window(self) -> int:
         """The window before the first controller tick: ``k`` for a FixedLaw, else
-        ``initial_window``, clamped to ``[min_window, max_window]``."""
-        start = self.law.k if isinstance(self.law, FixedLaw) else self.initial_window
+        ``initial_window``, else open for a law that starts open, else 4; clamped to
+        ``[min_window, max_window]``."""
+        if isinstance(self.law, FixedLaw):
+            start = self.law.k
+        elif self.initial_window is not None:
+            start = self.initial_window
+        elif getattr(self.law, "starts_open", False):
+            start = self.max_window if self.max_window is not None else OPEN
+        else:
+            start = DEFAULT_INITIAL_WINDOW
         start = max(start, self.min_window)
         if self.max_window is not None:
             start = min(start, self.max_window)
         return start
+
+
+DEFAULT_INITIAL_WINDOW = 4
+"""Start window of a law that does not start open: the value both known re-implementations of
+the paper chose (the paper states none)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

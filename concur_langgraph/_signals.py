@@ -89,6 +89,14 @@ class Sample:
     staleness_s: float = 0.0
     """Age of the oldest data the sample stands for: 0 when every endpoint answered now,
     else how long ago the failed endpoints last answered."""
+    requests_finished: int | None = None
+    """Requests that finished over the interval (``vllm:request_success_total``, every
+    finish reason), summed; ``None`` when no endpoint exports the series."""
+    agents_admitted: int | None = None
+    """Agents holding a slot of the admission window now. Set by the controller (the signal
+    source does not know the window); ``None`` in samples that did not pass through one."""
+    agents_queued: int | None = None
+    """Agents waiting at the gate now, new and parked. Set by the controller."""
 
 
 @runtime_checkable
@@ -119,6 +127,7 @@ _COUNTERS: Mapping[str, tuple[str, ...]] = {
     "preemptions": ("vllm:num_preemptions_total",),
     "prompt_tokens": ("vllm:prompt_tokens_total",),
     "generation_tokens": ("vllm:generation_tokens_total",),
+    "requests_finished": ("vllm:request_success_total",),
 }
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 _RUNNING = "vllm:num_requests_running"
@@ -365,6 +374,7 @@ class VLLMMetricsSource:
             raise (kind or MetricsError)(message) from errors[0]
 
         stale = bool(errors)
+        has_finished = False
         kv_usage = 0.0
         running = waiting = 0.0
         waiting_capacity: float | None = None
@@ -387,6 +397,9 @@ class VLLMMetricsSource:
                 None
                 if capacity is None or result.capacity_tokens is None
                 else capacity + result.capacity_tokens
+            )
+            has_finished = has_finished or any(
+                key[0] == "requests_finished" for key in result.counters
             )
             if ep.last_ok_round == previous_round:
                 for name, delta in _deltas(ep.counters, result.counters).items():
@@ -416,6 +429,7 @@ class VLLMMetricsSource:
             interval_s=None if previous_time is None else now - previous_time,
             stale=stale,
             staleness_s=staleness,
+            requests_finished=round(totals["requests_finished"]) if has_finished else None,
         )
 
     async def aclose(self) -> None:

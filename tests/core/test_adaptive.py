@@ -1,0 +1,484 @@
+"""Our adaptive laws, sample in / window out, one behaviour per test."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from concur_langgraph._adaptive import (
+    OPEN,
+    AdmitLaw,
+    ClimbLaw,
+    DescentLaw,
+    GoodputLaw,
+    LossAimdLaw,
+    ProbeLaw,
+    TokenBudgetLaw,
+    WorkingSetLaw,
+)
+from concur_langgraph._errors import ConfigError
+from concur_langgraph._laws import ControlLaw
+from concur_langgraph._signals import Sample
+
+
+def sample(
+    *,
+    kv_usage: float = 0.5,
+    running: int = 5,
+    waiting: int = 0,
+    waiting_capacity: int | None = 0,
+    preemptions: int = 0,
+    generation_tokens: int = 100,
+    capacity: int | None = 1000,
+    interval_s: float | None = 1.0,
+) -> Sample:
+    return Sample(
+        time=0.0,
+        kv_usage=kv_usage,
+        prefix_hit_rate=0.5,
+        prefix_queries=100,
+        prefix_hits=50,
+        preemptions=preemptions,
+        prompt_tokens=100,
+        generation_tokens=generation_tokens,
+        running=running,
+        waiting=waiting,
+        waiting_capacity=waiting_capacity,
+        kv_capacity_tokens=capacity,
+        interval_s=interval_s,
+    )
+
+
+def drive(law: ControlLaw, samples: Sequence[Sample], window: int = 4) -> list[int]:
+    out = []
+    for s in samples:
+        window = law.next_window(window, s)
+        out.append(window)
+    return out
+
+
+# A full cache: 1000 tokens over 10 running requests is a footprint of 100 tokens per agent, so
+# the working set is 10 agents; 10 more requests wait, so the engine holds 20.
+PRESSURE: dict[str, Any] = {"kv_usage": 1.0, "running": 10, "waiting": 10, "waiting_capacity": 10}
+
+
+@pytest.mark.parametrize(
+    "law",
+    [
+        WorkingSetLaw(),
+        LossAimdLaw(),
+        GoodputLaw(),
+        ClimbLaw(),
+        DescentLaw(),
+        TokenBudgetLaw(),
+        ProbeLaw(),
+        AdmitLaw(),
+    ],
+)
+def test_laws_follow_the_protocol(law: ControlLaw) -> None:
+    assert isinstance(law, ControlLaw)
+
+
+# -- WorkingSetLaw ------------------------------------------------------------------------------
+
+
+def test_working_set_is_capacity_over_footprint() -> None:
+    # 0.5 * 1000 tokens held by 5 running requests: 100 tokens each -> 10 agents fit.
+    assert WorkingSetLaw().next_window(4, sample(kv_usage=0.5, running=5)) == 10
+
+
+def test_working_set_fill_scales_the_window() -> None:
+    assert WorkingSetLaw(fill=0.5).next_window(4, sample(kv_usage=0.5, running=5)) == 5
+
+
+def test_working_set_holds_without_capacity() -> None:
+    assert WorkingSetLaw().next_window(7, sample(capacity=None)) == 7
+
+
+def test_working_set_holds_while_nothing_runs() -> None:
+    assert WorkingSetLaw().next_window(7, sample(running=0)) == 7
+
+
+def test_working_set_smooths_the_footprint() -> None:
+    law = WorkingSetLaw(smoothing=0.5)
+    law.next_window(4, sample(kv_usage=0.5, running=5))  # footprint 100
+    # A sample of footprint 300 moves the average halfway, to 200: 1000 / 200 = 5 agents.
+    assert law.next_window(10, sample(kv_usage=0.6, running=2)) == 5
+
+
+def test_working_set_never_returns_zero() -> None:
+    assert WorkingSetLaw(fill=0.01).next_window(4, sample(kv_usage=1.0, running=1)) == 1
+
+
+def test_working_set_starts_open() -> None:
+    assert WorkingSetLaw().starts_open
+
+
+@pytest.mark.parametrize(("field", "value"), [("fill", 0), ("smoothing", 0), ("smoothing", 1.5)])
+def test_working_set_rejects_bad_constants(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=field):
+        WorkingSetLaw(**{field: value})  # type: ignore[arg-type]
+
+
+# -- LossAimdLaw --------------------------------------------------------------------------------
+
+
+def test_aimd_decreases_on_a_preemption() -> None:
+    assert LossAimdLaw(beta=0.5).next_window(10, sample(preemptions=1)) == 5
+
+
+def test_aimd_decreases_on_waiting_for_capacity() -> None:
+    assert LossAimdLaw(beta=0.5).next_window(10, sample(waiting_capacity=3)) == 5
+
+
+def test_aimd_increases_when_busy_without_loss() -> None:
+    assert LossAimdLaw(alpha=2).next_window(10, sample(running=3)) == 12
+
+
+def test_aimd_holds_when_idle() -> None:
+    assert LossAimdLaw().next_window(10, sample(running=0)) == 10
+
+
+def test_aimd_treats_missing_waiting_capacity_as_no_loss() -> None:
+    assert LossAimdLaw(alpha=1).next_window(10, sample(waiting_capacity=None)) == 11
+
+
+@pytest.mark.parametrize(("field", "value"), [("alpha", 0), ("beta", 1.0), ("beta", 0)])
+def test_aimd_rejects_bad_constants(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=field):
+        LossAimdLaw(**{field: value})  # type: ignore[arg-type]
+
+
+# -- GoodputLaw ---------------------------------------------------------------------------------
+
+
+def goodput_law() -> GoodputLaw:
+    return GoodputLaw(settle_s=1.0, measure_s=2.0, backoff_s=2.0, margin=0.1)
+
+
+def test_goodput_law_stays_open_without_pressure() -> None:
+    assert drive(goodput_law(), [sample()] * 5) == [OPEN] * 5
+
+
+def test_goodput_law_waits_for_the_backoff_before_a_trial() -> None:
+    assert goodput_law().next_window(OPEN, sample(**PRESSURE)) == OPEN
+
+
+def test_goodput_law_tries_the_working_set_under_pressure() -> None:
+    law = goodput_law()
+    assert drive(law, [sample(**PRESSURE)] * 2) == [OPEN, 10]
+    assert law.phase == "settle"
+
+
+def test_goodput_law_drops_a_trial_that_does_not_pay() -> None:
+    law = goodput_law()
+    # Open goodput 100 tok/s, trial goodput 105 tok/s: below the 10 % margin.
+    windows = drive(
+        law,
+        [sample(**PRESSURE)] * 3 + [sample(**PRESSURE, generation_tokens=105)] * 2,
+    )
+    assert windows[-1] == OPEN
+    assert law.phase == "open"
+
+
+def test_goodput_law_keeps_a_trial_that_pays() -> None:
+    law = goodput_law()
+    windows = drive(
+        law,
+        [sample(**PRESSURE)] * 3 + [sample(**PRESSURE, generation_tokens=200)] * 2,
+    )
+    assert windows[-1] == 10
+    assert law.phase == "restricted"
+
+
+def test_goodput_law_backs_off_after_a_failed_trial() -> None:
+    law = goodput_law()
+    drive(law, [sample(**PRESSURE)] * 5)  # trial at t=2 fails at t=5 (no gain)
+    # Next trial needs open_s >= 2 + 2*2 = 6 s of open running: not after 3 more seconds.
+    assert drive(law, [sample(**PRESSURE)] * 3, window=OPEN) == [OPEN] * 3
+
+
+def test_goodput_law_rejects_a_zero_measurement_span() -> None:
+    with pytest.raises(ConfigError, match="measure_s"):
+        GoodputLaw(measure_s=0)
+
+
+# -- ClimbLaw -----------------------------------------------------------------------------------
+
+
+def test_climb_law_grows_at_most_by_the_ramp_per_tick() -> None:
+    # Working set 10 agents, window 4: at most 4 * 1.5 = 6.
+    assert ClimbLaw(ramp=1.5).next_window(4, sample(kv_usage=0.5, running=5)) == 6
+
+
+def test_climb_law_shrinks_at_once() -> None:
+    assert ClimbLaw().next_window(40, sample(kv_usage=0.5, running=5)) == 10
+
+
+def test_climb_law_keeps_an_up_probe_that_pays() -> None:
+    law = ClimbLaw(settle_s=1.0, measure_s=2.0, step=2.0, margin=0.05)
+    # base 2 s at 100 tok/s -> probe k=2: settle 1 s, measure 2 s at 200 tok/s -> kept.
+    drive(law, [sample()] * 3 + [sample(generation_tokens=200)] * 2, window=10)
+    assert law.k == 2.0
+
+
+def test_climb_law_reverts_a_probe_that_does_not_pay() -> None:
+    law = ClimbLaw(settle_s=1.0, measure_s=2.0, step=2.0, margin=0.05)
+    drive(law, [sample()] * 5, window=10)
+    assert law.k == 1.0
+
+
+# -- DescentLaw ---------------------------------------------------------------------------------
+
+
+def descent_law() -> DescentLaw:
+    return DescentLaw(settle_s=1.0, measure_s=2.0, wait_s=2.0, tolerance=0.03, hold_s=5.0)
+
+
+def test_descent_law_stays_open_without_pressure() -> None:
+    assert drive(descent_law(), [sample()] * 5) == [OPEN] * 5
+
+
+def test_descent_law_first_trial_is_half_of_what_the_engine_holds() -> None:
+    assert drive(descent_law(), [sample(**PRESSURE)] * 2) == [OPEN, 10]
+
+
+def test_descent_law_settles_until_the_engine_drained() -> None:
+    law = descent_law()
+    drive(law, [sample(**PRESSURE)] * 2)
+    # The engine still holds 20 requests > window 10: keep settling.
+    law.next_window(10, sample(**PRESSURE))
+    assert law.phase == "settle"
+
+
+def test_descent_law_halves_again_when_no_worse() -> None:
+    law = descent_law()
+    drained = {**PRESSURE, "waiting": 0}
+    windows = drive(law, [sample(**PRESSURE)] * 2 + [sample(**drained, generation_tokens=99)] * 3)
+    assert windows[-1] == 5
+
+
+def test_descent_law_reopens_when_the_first_halving_is_worse() -> None:
+    law = descent_law()
+    drained = {**PRESSURE, "waiting": 0}
+    windows = drive(law, [sample(**PRESSURE)] * 2 + [sample(**drained, generation_tokens=50)] * 3)
+    assert windows[-1] == OPEN
+    assert law.wait_s == 2.0 + 2 * 2.0
+
+
+def test_descent_law_holds_the_last_good_window_after_a_worse_halving() -> None:
+    law = descent_law()
+    drained = {**PRESSURE, "waiting": 0}
+    drive(law, [sample(**PRESSURE)] * 2 + [sample(**drained)] * 3)  # 10 kept, trying 5
+    small = sample(kv_usage=1.0, running=4, generation_tokens=50)  # the engine holds 4 <= 5
+    windows = drive(law, [small] * 3, window=5)
+    assert windows[-1] == 10
+    assert law.phase == "hold"
+
+
+@pytest.mark.parametrize(("field", "value"), [("tolerance", 1.5), ("measure_s", 0), ("wait_s", -1)])
+def test_descent_law_rejects_bad_constants(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=field):
+        DescentLaw(**{field: value})  # type: ignore[arg-type]
+
+
+# -- samples with the proposed extension fields -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExtSample(Sample):
+    """A Sample with the fields docs/laws.md proposes (the laws read them with getattr)."""
+
+    requests_finished: int | None = None
+    agents_admitted: int | None = None
+    agents_queued: int | None = None
+
+
+def ext(
+    *,
+    admitted: int = 10,
+    queued: int = 0,
+    generation_tokens: int = 100,
+    prompt_tokens: int = 1000,
+    interval_s: float | None = 1.0,
+    finished: int = 10,
+    running: int = 0,
+) -> ExtSample:
+    """A steady state: 10 requests of 100 prompt tokens + 10 output tokens finish per second
+    (mean context 110 tokens; a 1000-token cache fits floor(0.9 * 1000 / 110) = 8 agents),
+    prefilled from scratch (hit rate 0: prefill rate 1000 tokens/s)."""
+    return ExtSample(
+        time=0.0,
+        kv_usage=0.5,
+        prefix_hit_rate=0.0,
+        prefix_queries=1000,
+        prefix_hits=0,
+        preemptions=0,
+        prompt_tokens=prompt_tokens,
+        generation_tokens=generation_tokens,
+        running=running,
+        waiting=0,
+        waiting_capacity=0,
+        kv_capacity_tokens=1000,
+        interval_s=interval_s,
+        requests_finished=finished,
+        agents_admitted=admitted,
+        agents_queued=queued,
+    )
+
+
+# -- TokenBudgetLaw -----------------------------------------------------------------------------
+
+
+def test_budget_is_capacity_over_mean_context() -> None:
+    law = TokenBudgetLaw(fill=0.9, ramp=100.0)
+    assert law.next_window(1, ext()) == 8
+    assert law.last_footprint == pytest.approx(110.0)
+
+
+def test_budget_counts_admissions_before_any_request_finished() -> None:
+    # First second of a batch: 10 requests admitted (running), 1000 prompt tokens queried.
+    law = TokenBudgetLaw(fill=1.0, ramp=100.0)
+    assert law.next_window(1, ext(finished=0, running=10, generation_tokens=0)) == 10
+
+
+def test_budget_falls_back_to_the_cache_view_without_requests_finished() -> None:
+    # 0.5 * 1000 tokens over 5 running requests: 100 tokens each.
+    assert TokenBudgetLaw(fill=1.0, ramp=100.0).next_window(1, sample(running=5)) == 10
+
+
+def test_budget_keeps_the_window_within_the_deadband() -> None:
+    assert TokenBudgetLaw(fill=0.9, deadband=0.2).next_window(9, ext()) == 9
+
+
+def test_budget_grows_at_most_by_the_ramp() -> None:
+    assert TokenBudgetLaw(fill=0.9, ramp=1.5).next_window(4, ext()) == 6
+
+
+def test_budget_shrinks_at_once() -> None:
+    assert TokenBudgetLaw(fill=0.9).next_window(40, ext()) == 8
+
+
+def test_budget_holds_while_the_footprint_is_unknown() -> None:
+    assert TokenBudgetLaw().next_window(7, ext(finished=0, running=0)) == 7
+
+
+# -- ProbeLaw -----------------------------------------------------------------------------------
+
+
+def test_probe_law_stays_free_while_over_subscription_is_cheap() -> None:
+    law = ProbeLaw(probe_cost_s=1.0, rate_window_s=1.0)
+    assert drive(law, [ext(admitted=15)] * 3) == [OPEN] * 3
+
+
+def test_probe_law_rejects_a_zero_probe_cost() -> None:
+    with pytest.raises(ConfigError, match="probe_cost_s"):
+        ProbeLaw(probe_cost_s=0)
+
+
+# -- AdmitLaw -----------------------------------------------------------------------------------
+
+
+def admit_law() -> AdmitLaw:
+    # Undo cost of n agents beyond the budget of 8: n * 110 / 1000 s; bound 1 s -> n <= 9.
+    return AdmitLaw(undo_cost_s=1.0, settle_s=1.0, measure_s=2.0, margin=0.05, backoff_s=3.0)
+
+
+def test_admit_law_stays_free_while_cheap_to_undo() -> None:
+    law = admit_law()
+    assert drive(law, [ext(admitted=17)] * 3) == [OPEN] * 3
+    assert law.phase == "free"
+
+
+def test_admit_law_stays_free_until_a_prefill_completed() -> None:
+    law = admit_law()
+    assert law.next_window(OPEN, ext(admitted=100, prompt_tokens=0)) == OPEN
+
+
+def test_admit_law_stays_free_on_the_first_sample_of_a_batch() -> None:
+    # The first sample has no interval: no rate can be computed from it.
+    assert admit_law().next_window(OPEN, ext(admitted=100, interval_s=None)) == OPEN
+
+
+def test_admit_law_restricts_at_once_when_there_is_no_baseline() -> None:
+    law = admit_law()
+    assert law.next_window(OPEN, ext(admitted=30)) == 8
+    assert law.phase == "restricted"
+
+
+def test_admit_law_starts_a_trial_after_free_running() -> None:
+    law = admit_law()
+    windows = drive(law, [ext(admitted=15)] * 2 + [ext(admitted=30)])
+    assert windows == [OPEN, OPEN, 8]
+    assert law.phase == "trial"
+
+
+def test_admit_law_keeps_a_trial_that_pays() -> None:
+    law = admit_law()
+    drive(law, [ext(admitted=15)] * 2 + [ext(admitted=30)])
+    drained = ext(admitted=8, queued=22, generation_tokens=200)
+    windows = drive(law, [drained] * 3, window=8)
+    # Longer outputs (20 tokens) make a context of 120 tokens: the budget is now 7.
+    assert windows[-1] == 7
+    assert law.phase == "restricted"
+
+
+def test_admit_law_drops_a_trial_that_does_not_pay() -> None:
+    law = admit_law()
+    drive(law, [ext(admitted=15)] * 2 + [ext(admitted=30)])
+    windows = drive(law, [ext(admitted=8, queued=22)] * 3, window=8)
+    assert windows[-1] == OPEN
+    assert law.phase == "free"
+
+
+def test_admit_law_backs_off_after_a_failed_trial() -> None:
+    law = admit_law()
+    drive(law, [ext(admitted=15)] * 2 + [ext(admitted=30)] + [ext(admitted=8, queued=22)] * 3)
+    assert law.phase == "free"  # the trial failed
+    assert drive(law, [ext(admitted=30)] * 2, window=OPEN) == [OPEN, OPEN]
+
+
+def test_admit_law_releases_when_admitting_everyone_is_cheap_again() -> None:
+    law = admit_law()
+    law.next_window(OPEN, ext(admitted=30))  # restricted
+    # 8 admitted, 1 queued: everyone fits the budget plus one agent (0.11 s <= 0.5 s).
+    assert law.next_window(8, ext(admitted=8, queued=1)) == OPEN
+    assert law.phase == "free"
+
+
+def test_admit_law_trial_waits_for_the_admitted_agents_to_drain() -> None:
+    law = admit_law()
+    drive(law, [ext(admitted=15)] * 2 + [ext(admitted=30)])
+    # 30 agents still admitted for a window of 8: no measurement yet, however long.
+    drive(law, [ext(admitted=30, generation_tokens=1)] * 10, window=8)
+    assert law.phase == "trial"
+
+
+def test_admit_law_trial_measures_after_max_settle_even_if_not_drained() -> None:
+    law = AdmitLaw(undo_cost_s=1.0, settle_s=1.0, max_settle_s=3.0, measure_s=2.0)
+    drive(law, [ext(admitted=15)] * 2 + [ext(admitted=30)])
+    drive(law, [ext(admitted=30, generation_tokens=1)] * 5, window=8)  # 3 s settle + 2 s
+    assert law.phase == "free"
+
+
+def test_admit_law_restricted_window_grows_by_the_ramp() -> None:
+    law = AdmitLaw(undo_cost_s=1.0, ramp=1.5)
+    law.next_window(OPEN, ext(admitted=30))  # restricted, budget 8
+    assert law.next_window(2, ext(admitted=30, queued=20)) == 3
+
+
+def test_admit_law_undo_cost_is_excess_times_context_over_rate() -> None:
+    law = admit_law()
+    law.next_window(OPEN, ext(admitted=8))
+    assert law.undo_cost(10) == pytest.approx(10 * 110 / 1000)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("fill", 0), ("measure_s", 0), ("ramp", 1.0), ("undo_cost_s", -1)]
+)
+def test_admit_law_rejects_bad_constants(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=field):
+        AdmitLaw(**{field: value})  # type: ignore[arg-type]
