@@ -8,8 +8,8 @@ from the server's KV-cache signals. ``async with session:`` starts and stops the
 
 Which law needs what:
 
-* ``law=None`` means ``ConcurLaw()``, which needs signals: ``vllm_url`` (or ``source``) is
-  required;
+* ``law=None`` means ``AdmitLaw()`` (our default, docs/laws.md), which needs signals:
+  ``vllm_url`` (or ``source``) is required; ``ConcurLaw()`` is the paper's law;
 * ``FixedLaw(k)`` needs no URL: the window is ``k`` from the start and never moves. With a URL
   too, the controller still polls (for the statistics and the progress display) and keeps
   applying ``k``.
@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from ._adaptive import OPEN
+from ._adaptive import OPEN, AdmitLaw
 from ._controller import Controller, ControllerStatistics, _stop
 from ._errors import ConcurError, ConfigError
 from ._gate import Gate, GateStatistics
-from ._laws import ConcurLaw, ControlLaw, FixedLaw
+from ._laws import ControlLaw, FixedLaw
 from ._leader import Leadership
 from ._redis_window import RedisWindow, check_batch_id
 from ._signals import SignalSource, VLLMMetricsSource
@@ -99,7 +99,10 @@ class SessionOptions:
     (``http://host:port`` or ``.../v1``; several for data-parallel replicas). Required by every
     law except ``FixedLaw``."""
     law: ControlLaw | None = None
-    """The control law; ``None`` is ``ConcurLaw()`` (the paper's Eq. 1 with its constants)."""
+    """The control law; ``None`` is :data:`DEFAULT_LAW` (``AdmitLaw()``): it starts with every
+    agent admitted and restricts only when a measured KV budget and a goodput trial say it pays,
+    so it is never the reason a batch is slower (docs/laws.md has the benchmarks that chose it).
+    ``ConcurLaw()`` is the paper's Eq. 1 with its constants."""
     interval_s: float = 1.0
     """Seconds between two controller ticks. 1 s is the paper's setting: KV usage moves on the
     scale of a few decode steps times the agent count, and vLLM's counters update every step."""
@@ -161,7 +164,7 @@ class SessionOptions:
         if self.http_client is not None and url is None:
             raise ConfigError("http_client: only used to scrape vllm_url, which is not set")
         if not isinstance(self.law, FixedLaw) and url is None and self.source is None:
-            name = "ConcurLaw()" if self.law is None else type(self.law).__name__
+            name = f"{DEFAULT_LAW.__name__}()" if self.law is None else type(self.law).__name__
             raise ConfigError(
                 f"vllm_url: the law {name} sizes the window from the server's KV-cache "
                 "signals, so vllm_url (or source) is required; for a static window without "
@@ -226,7 +229,7 @@ class SessionOptions:
             start = self.law.k
         elif self.initial_window is not None:
             start = self.initial_window
-        elif getattr(self.law, "starts_open", False):
+        elif getattr(self.law if self.law is not None else DEFAULT_LAW, "starts_open", False):
             start = self.max_window if self.max_window is not None else OPEN
         else:
             start = DEFAULT_INITIAL_WINDOW
@@ -235,6 +238,10 @@ class SessionOptions:
             start = min(start, self.max_window)
         return start
 
+
+DEFAULT_LAW = AdmitLaw
+"""The law of a session that names none (a class: a fresh object per controller, since laws
+keep history)."""
 
 DEFAULT_INITIAL_WINDOW = 4
 """Start window of a law that does not start open: the value both known re-implementations of
@@ -416,7 +423,7 @@ class ConcurSession:
             source = VLLMMetricsSource(urls, client=opts.http_client)
         return Controller(
             source=source,
-            law=opts.law if opts.law is not None else ConcurLaw(),
+            law=opts.law if opts.law is not None else DEFAULT_LAW(),
             window=window,
             interval_s=opts.interval_s,
             min_window=opts.min_window,

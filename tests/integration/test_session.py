@@ -70,7 +70,7 @@ class ScriptedSource:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({}, r"^vllm_url: the law ConcurLaw"),
+        ({}, r"^vllm_url: the law AdmitLaw"),  # the default law
         ({"law": ConcurLaw()}, r"^vllm_url: the law ConcurLaw"),
         ({"vllm_url": []}, r"^vllm_url: expected a URL or a list"),
         ({"vllm_url": "ftp://x"}, r"^vllm_url: 'ftp://x' is not an http"),
@@ -120,7 +120,12 @@ def test_the_controller_grows_the_window_while_the_cache_is_empty() -> None:
     tracker = Tracker()
     model = ScriptedChatModel(tracker=tracker, steps=3)
     source = ScriptedSource(kv_usage=0.05)
-    gate = ConcurGate(tool_loop_graph(model, [work_tool(tracker)]), source=source, initial_window=1)
+    gate = ConcurGate(
+        tool_loop_graph(model, [work_tool(tracker)]),
+        source=source,
+        law=ConcurLaw(),
+        initial_window=1,
+    )
     results = vtime.run(gate.abatch(inputs(8)))
     for result in results:
         assert_continuous(tracker, result, 3)
@@ -138,7 +143,12 @@ def test_the_controller_shrinks_the_window_when_the_cache_thrashes() -> None:
     tracker = Tracker()
     model = ScriptedChatModel(tracker=tracker, steps=3)
     source = ScriptedSource(kv_usage=0.95, hit_rate=0.05)
-    gate = ConcurGate(tool_loop_graph(model, [work_tool(tracker)]), source=source, initial_window=8)
+    gate = ConcurGate(
+        tool_loop_graph(model, [work_tool(tracker)]),
+        source=source,
+        law=ConcurLaw(),
+        initial_window=8,
+    )
     results = vtime.run(gate.abatch(inputs(8)))
     for result in results:
         assert_continuous(tracker, result, 3)

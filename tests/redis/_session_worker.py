@@ -27,6 +27,7 @@ from langchain_core.messages import HumanMessage
 from langchain_openai import ChatOpenAI
 from langgraph.graph import END, START, MessagesState, StateGraph
 
+from concur_langgraph._laws import ConcurLaw
 from concur_langgraph._wrapper import ConcurGate
 
 
@@ -99,6 +100,9 @@ async def main(args: argparse.Namespace) -> None:
             vllm_url=args.sim,
             redis_url=args.url,
             batch_id=args.batch,
+            # The paper's law moves the window on an idle server (+2 per tick below u_low),
+            # which is what the test watches; the default law would sit open.
+            law=ConcurLaw(),
             interval_s=args.interval,
             initial_window=args.initial_window,
             http_client=metrics_client,

@@ -35,7 +35,7 @@ from redis_support import REPO, Worker, eventually
 
 from concur_langgraph._callbacks import ConcurCallbackHandler
 from concur_langgraph._errors import ConcurError, ConfigError, MetricsError
-from concur_langgraph._laws import FixedLaw
+from concur_langgraph._laws import ConcurLaw, FixedLaw
 from concur_langgraph._redis_window import RedisWindow, batch_key
 from concur_langgraph._session import ConcurSession, SessionOptions
 from concur_langgraph._wrapper import ConcurGate
@@ -182,6 +182,9 @@ def session_options(sim_url: str, redis_url: str, batch_id: str, **extra: Any) -
         batch_id=batch_id,
         interval_s=0.1,
         initial_window=INITIAL,
+        # These tests watch the window grow on an idle server: the paper's law does (+2 per
+        # tick below u_low); the default law starts open and has no reason to move.
+        law=extra.pop("law", None) or ConcurLaw(),
         **extra,
     )
 
