@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from ._adaptive import OPEN
 from ._session import ConcurSession
 
 __all__ = ["BatchProgress"]
@@ -64,7 +65,7 @@ class BatchProgress:
             f"{gate.active} active",
             f"{gate.parked} parked",
             f"{gate.waiting} waiting",
-            f"window {gate.window.limit}",
+            f"window {'open' if gate.window.limit >= OPEN else gate.window.limit}",
         ]
         if self.failed:
             parts.insert(1, f"{self.failed} failed")

@@ -186,10 +186,12 @@ class _Sampler:
         gate: ConcurGate | None,
         tracker: AgentTracker,
         *,
+        agents: int,
         t0: float,
         interval_s: float,
         on_row: Callable[[dict[str, Any]], None] | None,
     ) -> None:
+        self.agents = agents
         self.source = source
         self.gate = gate
         self.tracker = tracker
@@ -212,7 +214,9 @@ class _Sampler:
             "t": round(now - self.t0, 6),
             "kv_usage": sample.kv_usage if sample is not None else None,
             "hit_rate": sample.prefix_hit_rate if sample is not None else None,
-            "window": gate.window.limit if gate is not None else None,
+            # A law that starts open sets a window of OPEN (2**20): every agent of the batch.
+            # Recorded as the agent count, since a window above it admits no one more.
+            "window": min(gate.window.limit, self.agents) if gate is not None else None,
             # Without a gate every started agent is active; with one, those holding a slot.
             "active": gate.active if gate is not None else tr.active,
             "parked": gate.parked if gate is not None else 0,
@@ -341,6 +345,7 @@ async def _run_async(
             source,
             gate,
             tracker,
+            agents=workload.agents,
             t0=t0,
             interval_s=interval_s,
             on_row=on_row,
