@@ -46,14 +46,13 @@ import inspect
 import sys
 import threading
 from collections.abc import Callable, Coroutine
-from types import TracebackType
 from typing import Any, Unpack
 from uuid import UUID
 
 from langchain_core.callbacks import AsyncCallbackHandler
 
 from ._errors import ConcurError, SyncInvocationError
-from ._session import ConcurSession, SessionKwargs, SessionStatistics
+from ._session import ConcurSession, SessionKwargs, SessionUser
 
 __all__ = ["ConcurCallbackHandler"]
 
@@ -77,7 +76,7 @@ def _caller_is_coroutine() -> bool:
     return bool(code.co_flags & (inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR))
 
 
-class ConcurCallbackHandler(AsyncCallbackHandler):
+class ConcurCallbackHandler(SessionUser, AsyncCallbackHandler):
     """Gate every LLM call of the runs it is attached to (see the module docstring).
 
     Args:
@@ -95,10 +94,7 @@ class ConcurCallbackHandler(AsyncCallbackHandler):
         self, *, session: ConcurSession | None = None, **options: Unpack[SessionKwargs]
     ) -> None:
         super().__init__()
-        if session is not None and options:
-            raise ConcurError("session: give a session or session options, not both")
-        self._owns_session = session is None
-        self.session = session if session is not None else ConcurSession(**options)
+        self._use_session(session, dict(options))
         self._lock = threading.Lock()
         self._root_of: dict[UUID, UUID] = {}
         self._roots: dict[UUID, _Root] = {}
@@ -106,27 +102,6 @@ class ConcurCallbackHandler(AsyncCallbackHandler):
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
-
-    async def __aenter__(self) -> ConcurCallbackHandler:
-        if self._owns_session:
-            if self.session.closed:
-                # A session runs one batch; entering again starts a fresh one.
-                self.session = ConcurSession(self.session.options)
-            await self.session.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._owns_session:
-            await self.session.__aexit__(exc_type, exc, tb)
-
-    def statistics(self) -> SessionStatistics:
-        """The session's statistics (window, agents, controller)."""
-        return self.session.statistics()
 
     def agent_of(self, run_id: UUID | None) -> str | None:
         """The agent id of the root run above ``run_id``, if that run is known."""

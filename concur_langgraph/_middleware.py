@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Annotated, Any, NoReturn, NotRequired, Unpack
 
 from langchain.agents.middleware.types import (
@@ -52,7 +51,7 @@ from langgraph.runtime import Runtime
 from langgraph.types import Command
 
 from ._errors import ConcurError, SyncInvocationError
-from ._session import ConcurSession, SessionKwargs, SessionStatistics
+from ._session import ConcurSession, SessionKwargs, SessionUser
 
 __all__ = ["ConcurMiddleware"]
 
@@ -84,7 +83,7 @@ def _sync_refused(what: str) -> NoReturn:
     )
 
 
-class ConcurMiddleware(AgentMiddleware[ConcurAgentState, Any, Any]):
+class ConcurMiddleware(SessionUser, AgentMiddleware[ConcurAgentState, Any, Any]):
     """Admission control for a ``create_agent`` agent (see the module docstring).
 
     Args:
@@ -99,35 +98,11 @@ class ConcurMiddleware(AgentMiddleware[ConcurAgentState, Any, Any]):
         self, *, session: ConcurSession | None = None, **options: Unpack[SessionKwargs]
     ) -> None:
         super().__init__()
-        if session is not None and options:
-            raise ConcurError("session: give a session or session options, not both")
-        self._owns_session = session is None
-        self.session = session if session is not None else ConcurSession(**options)
+        self._use_session(session, dict(options))
 
     @property
     def name(self) -> str:
         return "ConcurMiddleware"
-
-    async def __aenter__(self) -> ConcurMiddleware:
-        if self._owns_session:
-            if self.session.closed:
-                # A session runs one batch; entering again starts a fresh one.
-                self.session = ConcurSession(self.session.options)
-            await self.session.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._owns_session:
-            await self.session.__aexit__(exc_type, exc, tb)
-
-    def statistics(self) -> SessionStatistics:
-        """The session's statistics (window, agents, controller)."""
-        return self.session.statistics()
 
     def _agent_id(self, state: Any, runtime: Any) -> str:
         thread_id = _thread_id(runtime)

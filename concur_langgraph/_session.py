@@ -32,7 +32,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Self, TypedDict
 
 from ._adaptive import OPEN, AdmitLaw
 from ._controller import Controller, ControllerStatistics, _stop
@@ -53,6 +53,7 @@ __all__ = [
     "SessionKwargs",
     "SessionOptions",
     "SessionStatistics",
+    "SessionUser",
 ]
 
 logger = logging.getLogger("concur_langgraph")
@@ -530,3 +531,40 @@ class ConcurSession:
             except Exception as exc:
                 # Already logged by the controller; this process may lead again later.
                 self._reign_failure = self._reign_failure or exc
+
+
+class SessionUser:
+    """A way in that owns a session of its own or shares one (handler, middleware).
+
+    ``async with`` enters an owned session (a fresh one per batch: a session runs one batch);
+    a shared session is its caller's to enter and close.
+    """
+
+    session: ConcurSession
+    _owns_session: bool
+
+    def _use_session(self, session: ConcurSession | None, options: dict[str, Any]) -> None:
+        if session is not None and options:
+            raise ConcurError("session: give a session or session options, not both")
+        self._owns_session = session is None
+        self.session = session if session is not None else ConcurSession(**options)
+
+    async def __aenter__(self) -> Self:
+        if self._owns_session:
+            if self.session.closed:
+                self.session = ConcurSession(self.session.options)
+            await self.session.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._owns_session:
+            await self.session.__aexit__(exc_type, exc, tb)
+
+    def statistics(self) -> SessionStatistics:
+        """The session's statistics (window, agents, controller)."""
+        return self.session.statistics()

@@ -95,7 +95,7 @@ def test_cancellation_releases_slots_although_llm_end_never_fires() -> None:
     async def main() -> None:
         config: RunnableConfig = {"callbacks": [handler]}
         batch = asyncio.create_task(graph.abatch(inputs(5), config))
-        await asyncio.sleep(0.5)  # two agents are inside an LLM call, three wait
+        await asyncio.sleep(0.5)  # virtual time: two agents are inside an LLM call, three wait
         stats = handler.statistics().gate
         assert (stats.active, stats.waiting, tracker.in_flight) == (2, 3, 2)
         batch.cancel()
