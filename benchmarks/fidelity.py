@@ -38,8 +38,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,38 +184,7 @@ VARIANTS = ("calibrated", "retokenized-outputs")
 model: the text of an answer, sent back in the next turn, re-tokenizes to other token ids, so
 no block holding generated tokens is ever a prefix-cache hit for a later prompt (measured: the
 real server's ``cached_tokens`` on turn k+1 are exactly the full blocks of turn k's *prompt*).
-It is applied by salting the hash of every KV block that holds generated tokens, which is the
-change proposed for the engine (behind a ``SimConfig`` switch)."""
-
-
-@contextmanager
-def _variant(name: str) -> Iterator[None]:
-    if name == "calibrated":
-        yield
-        return
-    from concur_langgraph.sim import _engine
-    from concur_langgraph.sim._kv import hash_block
-
-    original = _engine.SimRequest._ensure_hashes
-
-    def salted(self: Any, num_tokens: int, block_size: int) -> None:
-        # Blocks wholly inside the prompt hash as before; a block holding any generated token
-        # chains from a salted parent, so it can only ever hit for the request itself.
-        full = num_tokens // block_size
-        in_prompt = min(full, len(self._prompt) // block_size)
-        if len(self._hashes) < in_prompt:
-            original(self, in_prompt * block_size, block_size)
-        hashes = self._hashes
-        for j in range(len(hashes), full):
-            parent = hash((hashes[-1] if hashes else 0, "generated"))
-            a = j * block_size
-            hashes.append(hash_block(parent, self._tokens(a, a + block_size)))
-
-    _engine.SimRequest._ensure_hashes = salted  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        _engine.SimRequest._ensure_hashes = original  # type: ignore[method-assign]
+It is the engine's ``SimConfig.reuse_generated_blocks=False``."""
 
 
 def sim_stage(
@@ -227,27 +195,29 @@ def sim_stage(
     variants: Sequence[str],
 ) -> None:
     config = load_config(None, str(config_path))
-    backend = SimBackend(config=config, name=config_path.name)
     labels = {f"sim:{v}" for v in variants}
     kept = [r for r in _read(runs) if r["backend"] not in labels]
     runs.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
     for variant in variants:
-        with _variant(variant):
-            for n in agents:
-                for policy in policies:
-                    t0 = time.perf_counter()
-                    record = run_one(_workload(n), policy, backend, interval_s=1.0)
-                    row = _row(record, agents=n, repeat=0, load0=_load())
-                    row["backend"] = f"sim:{variant}"
-                    _append(runs, row)
-                    print(
-                        f"  sim:{variant} {n:>3} agents {policy:<10}: "
-                        f"{row['makespan_s']:6.1f} s, {row['preemptions']} preemptions, "
-                        f"hit {row['prefix_hit_rate']:.3f} "
-                        f"(wall {time.perf_counter() - t0:.1f} s)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+        variant_config = dataclasses.replace(
+            config, reuse_generated_blocks=variant != "retokenized-outputs"
+        )
+        backend = SimBackend(config=variant_config, name=config_path.name)
+        for n in agents:
+            for policy in policies:
+                t0 = time.perf_counter()
+                record = run_one(_workload(n), policy, backend, interval_s=1.0)
+                row = _row(record, agents=n, repeat=0, load0=_load())
+                row["backend"] = f"sim:{variant}"
+                _append(runs, row)
+                print(
+                    f"  sim:{variant} {n:>3} agents {policy:<10}: "
+                    f"{row['makespan_s']:6.1f} s, {row['preemptions']} preemptions, "
+                    f"hit {row['prefix_hit_rate']:.3f} "
+                    f"(wall {time.perf_counter() - t0:.1f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
 
 # -- report -----------------------------------------------------------------------------------

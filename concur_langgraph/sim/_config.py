@@ -36,6 +36,12 @@ class SimConfig:
     """Step-time model."""
     enable_prefix_caching: bool = True
     """Reuse cached full blocks across requests (``--enable-prefix-caching``)."""
+    reuse_generated_blocks: bool = True
+    """Whether a block holding generated tokens can be a prefix-cache hit for a later prompt.
+    True for real models, whose answers re-tokenize to the ids they were generated as, so an
+    agent's next turn hits its previous answer. False models a random-weight test model (the
+    tiny Llama of the real tier): its output text re-tokenizes to other ids, and the real
+    server's ``cached_tokens`` on turn k+1 are exactly the full blocks of turn k's *prompt*."""
     vocab_size: int = 32_000
     """Generated ids lie in ``[16, vocab_size)`` (see ``sim/_tokenizer.py``); EOS is id 2."""
     eos_mean_tokens: float = 256.0

@@ -55,6 +55,9 @@ from concur_langgraph.sim._tokenizer import EOS_TOKEN_ID, FIRST_WORD_ID
 
 __all__ = ["EngineMetrics", "RequestOutput", "SimEngine", "SimRequest"]
 
+_GENERATED_SALT: Final = "generated"
+"""Mixed into the hash chain where generated tokens start, when they must not be reused."""
+
 _WAITING: Final = 0
 _RUNNING: Final = 1
 _FINISHED: Final = 2
@@ -322,7 +325,9 @@ class SimRequest:
             return tuple(self._output_ids(start - plen, stop - plen))
         return self._prompt[start:] + tuple(self._output_ids(0, stop - plen))
 
-    def _ensure_hashes(self, num_tokens: int, block_size: int) -> None:
+    def _ensure_hashes(
+        self, num_tokens: int, block_size: int, *, reuse_generated: bool = True
+    ) -> None:
         hashes = self._hashes
         full = num_tokens // block_size
         i = len(hashes)
@@ -339,6 +344,10 @@ class SimRequest:
             parent = hash((parent, blk))
             append(parent)
         for j in range(max(i, in_prompt), full):
+            if j == in_prompt and not reuse_generated:
+                # The first block holding generated tokens chains from a salted parent: it and
+                # every block after it can only ever hit for this request itself.
+                parent = hash((parent, _GENERATED_SALT))
             a = j * block_size
             parent = hash_block(parent, self._tokens(a, a + block_size))
             hashes.append(parent)
@@ -709,7 +718,7 @@ class SimEngine:
         full = min(upto // bs, len(blocks))
         if full <= req._num_cached:
             return
-        req._ensure_hashes(full * bs, bs)
+        req._ensure_hashes(full * bs, bs, reuse_generated=self.config.reuse_generated_blocks)
         start = req._num_cached
         self._pool.cache_many(blocks[start:full], req._hashes[start:full])
         req._num_cached = full
@@ -839,7 +848,9 @@ class SimEngine:
             num_tokens = req._num_tokens()
             hits: list[int] = []
             if caching:
-                req._ensure_hashes(num_tokens, bs)
+                req._ensure_hashes(
+                    num_tokens, bs, reuse_generated=self.config.reuse_generated_blocks
+                )
                 hits = pool.lookup(req._hashes, (num_tokens - 1) // bs)
             hit_tokens = len(hits) * bs
             need_full = _cdiv(num_tokens, bs) - len(hits) + pool.num_evictable(hits)

@@ -129,6 +129,21 @@ def test_generated_tokens_are_cached_for_the_next_turn() -> None:
     assert cached == ((history - 1) // 16) * 16
 
 
+def test_without_reuse_of_generated_blocks_the_next_turn_hits_only_the_prompt() -> None:
+    # A random-weight model's answer re-tokenizes to other ids on a real server: the next turn
+    # hits the full blocks of the previous *prompt* only.
+    async def main() -> int:
+        engine = SimEngine(config(reuse_generated_blocks=False))
+        prompt = tokens(1, 40)
+        out = await engine.add_request(prompt, max_tokens=40, ignore_eos=True).result()
+        follow = [*prompt, *out.output_token_ids, *tokens(2, 5)]
+        nxt = await engine.add_request(follow, max_tokens=1, ignore_eos=True).result()
+        await engine.aclose()
+        return nxt.cached_tokens
+
+    assert run(main) == (40 // 16) * 16  # 2 full blocks of the prompt; the third holds output
+
+
 def test_prefix_caching_off_gives_no_hits() -> None:
     async def main() -> EngineMetrics:
         engine = SimEngine(config(enable_prefix_caching=False))
