@@ -12,13 +12,10 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# (module, what it adds). A module listed here that does not exist yet is skipped, so groups
-# can land one at a time.
 _GROUPS: tuple[str, ...] = (
     "concur_langgraph.sim._cli",
     "concur_langgraph._demo",
     "concur_langgraph.bench._cli",
-    "concur_langgraph._run_cli",
 )
 
 
@@ -29,13 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _GROUPS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

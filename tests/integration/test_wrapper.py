@@ -185,7 +185,7 @@ def test_shrinking_the_window_parks_agents_whose_state_is_intact_when_they_resum
     gate = ConcurGate(tool_loop_graph(model, [work_tool(tracker)]), law=FixedLaw(4))
 
     async def shrink() -> None:
-        await asyncio.sleep(2.5)  # every agent is inside its first tool call
+        await asyncio.sleep(2.5)  # virtual time: every agent is inside its first tool call
         session = gate.session
         assert session is not None
         await session.window.set_limit(1)
