@@ -20,6 +20,7 @@ from ._callbacks import ConcurCallbackHandler
 from ._controller import Controller, ControllerStatistics, WindowChange
 from ._errors import (
     AdmissionTimeoutError,
+    AgentDrainedError,
     ConcurError,
     ConfigError,
     MetricsError,
@@ -48,6 +49,7 @@ __all__ = [
     "AdmissionTimeoutError",
     "AdmissionWindow",
     "AdmitLaw",
+    "AgentDrainedError",
     "ConcurCallbackHandler",
     "ConcurError",
     "ConcurGate",

@@ -15,8 +15,10 @@ ours and nothing else::
      +-- SlotLostError                         a distributed lease expired under its holder
      +-- WindowBackendError                    the shared window backend (Redis) failed
      +-- VirtualTimeDeadlockError (also RuntimeError)
-                                               every task waits on a virtual-time loop and
-                                               nothing can wake one
+     |                                         every task waits on a virtual-time loop and
+     |                                         nothing can wake one
+     +-- AgentDrainedError                     the agent stopped because its batch was drained;
+                                               its state is in the checkpointer
 
 Errors of the libraries we talk to (httpx, redis) are translated at the boundary with
 ``raise ... from exc`` so the original stays attached as ``__cause__``.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 __all__ = [
     "AdmissionTimeoutError",
+    "AgentDrainedError",
     "ConcurError",
     "ConfigError",
     "MetricsError",
@@ -79,3 +82,20 @@ class VirtualTimeDeadlockError(ConcurError, RuntimeError):
 
     Raised by a strict :class:`concur_langgraph.vtime.VirtualEventLoop` instead of hanging.
     """
+
+
+class AgentDrainedError(ConcurError):
+    """The agent stopped because its batch was drained (``ConcurGate.request_drain``).
+
+    Its state is in the checkpointer: the agent either stopped at a step boundary with its
+    checkpoint saved, or had not yet sent the LLM call it was waiting to be admitted for. Running
+    the batch again with the same ``batch_id`` resumes it.
+    """
+
+    def __init__(self, thread_id: str, reason: str) -> None:
+        self.thread_id = thread_id
+        self.reason = reason
+        super().__init__(
+            f"agent on thread {thread_id!r} was drained ({reason}); run the batch again with "
+            "the same batch_id to resume it"
+        )

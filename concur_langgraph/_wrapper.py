@@ -35,21 +35,31 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, NoReturn, TypeVar, Unpack
+from typing import Any, NoReturn, Unpack
 
 from langchain_core.callbacks import BaseCallbackManager
 from langchain_core.runnables import Runnable, RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.errors import GraphDrained
+from langgraph.pregel import Pregel
+from langgraph.runtime import RunControl
 
 from ._callbacks import ConcurCallbackHandler
-from ._errors import ConfigError, SyncInvocationError
+from ._durable import (
+    AgentPlan,
+    check_durable_kwargs,
+    durable_config,
+    durable_thread_id,
+    plan_agent,
+    require_checkpointer,
+)
+from ._errors import AgentDrainedError, ConfigError, SyncInvocationError
 from ._laws import ControlLaw
 from ._node import gate_node
 from ._progress import BatchProgress
 from ._session import ConcurSession, OtherSessionKwargs, SessionOptions, SessionStatistics
 
 __all__ = ["ConcurGate"]
-
-_T = TypeVar("_T")
 
 
 def _new_thread_id() -> str:
@@ -80,12 +90,21 @@ def _with_thread(config: RunnableConfig, thread_id: str) -> RunnableConfig:
 
 
 def agent_configs(
-    config: RunnableConfig | Sequence[RunnableConfig] | None, count: int
+    config: RunnableConfig | Sequence[RunnableConfig] | None,
+    count: int,
+    *,
+    batch_id: str | None = None,
 ) -> list[tuple[RunnableConfig, str]]:
     """One config per agent, each with its own ``thread_id``, and that agent's id.
 
-    Raises :class:`ConfigError` (naming ``config``) when agents would share a thread.
+    A thread the caller does not name is new (a uuid), or, in a durable batch, the agent's
+    durable thread ``f"{batch_id}/{index}"``. Raises :class:`ConfigError` (naming ``config``)
+    when agents would share a thread.
     """
+
+    def default_thread(index: int) -> str:
+        return _new_thread_id() if batch_id is None else durable_thread_id(batch_id, index)
+
     if config is None or isinstance(config, dict):
         base = RunnableConfig(**(config or {}))
         given = (base.get("configurable") or {}).get("thread_id")
@@ -102,8 +121,8 @@ def agent_configs(
                 "list of configs or leave run_id out"
             )
         out: list[tuple[RunnableConfig, str]] = []
-        for _ in range(count):
-            thread_id = str(given) if given is not None else _new_thread_id()
+        for index in range(count):
+            thread_id = str(given) if given is not None else default_thread(index)
             out.append((_with_thread(base, thread_id), thread_id))
         return out
     configs = list(config)
@@ -116,7 +135,7 @@ def agent_configs(
     out = []
     for index, one in enumerate(configs):
         given = (one.get("configurable") or {}).get("thread_id")
-        thread_id = str(given) if given is not None else _new_thread_id()
+        thread_id = str(given) if given is not None else default_thread(index)
         if thread_id in seen:
             raise ConfigError(
                 f"config[{index}]: thread_id {thread_id!r} is also the thread_id of "
@@ -159,12 +178,24 @@ class ConcurGate:
         *,
         vllm_url: str | Sequence[str] | None = None,
         law: ControlLaw | None = None,
+        checkpointer: BaseCheckpointSaver[Any] | None = None,
         **options: Unpack[OtherSessionKwargs],
     ) -> None:
         if not callable(getattr(graph, "ainvoke", None)) or not callable(
             getattr(graph, "astream", None)
         ):
             raise ConfigError(f"graph: expected a compiled LangGraph graph, got {graph!r}")
+        if checkpointer is not None:
+            if not isinstance(checkpointer, BaseCheckpointSaver):
+                raise ConfigError(
+                    f"checkpointer: expected a LangGraph checkpoint saver (InMemorySaver, "
+                    f"AsyncSqliteSaver, ...), got {checkpointer!r}"
+                )
+            if not isinstance(graph, Pregel):
+                raise ConfigError(
+                    f"checkpointer: only a compiled LangGraph graph can take one, got {graph!r}"
+                )
+            graph = graph.copy(update={"checkpointer": checkpointer})
         self.graph = graph
         # Validated now, so a bad option fails at construction, not at the first batch.
         self.options = SessionOptions(vllm_url=vllm_url, law=law, **options)
@@ -173,6 +204,10 @@ class ConcurGate:
         self._last_session: ConcurSession | None = None
         self._users = 0
         self._lock: asyncio.Lock | None = None
+        # Live runs (agent id -> its task and RunControl), for request_drain.
+        self._runs: dict[str, tuple[asyncio.Task[Any] | None, RunControl | None]] = {}
+        self._drain_reason: str | None = None
+        self._drain_cancelled: set[str] = set()
 
     # -- session sharing ---------------------------------------------------------------------
 
@@ -192,6 +227,9 @@ class ConcurGate:
         self._users -= 1
         if self._users == 0 and self._session is not None:
             session, self._session, self._handler = self._session, None, None
+            # A drain stops the batches of this session; the next session admits again.
+            self._drain_reason = None
+            self._drain_cancelled.clear()
             await session.__aexit__(None, None, None)
 
     @asynccontextmanager
@@ -228,6 +266,34 @@ class ConcurGate:
         """A gate node for hand-built graphs (see :func:`gate_node`)."""
         return gate_node()
 
+    # -- draining ----------------------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`request_drain` was called for the running batches."""
+        return self._drain_reason is not None
+
+    def request_drain(self, reason: str = "stop") -> None:
+        """Stop the running batches without losing work; returns at once.
+
+        Each agent that holds a slot finishes the step it is in and stops at the next
+        super-step boundary, its checkpoint saved (LangGraph's ``RunControl.request_drain``;
+        a call already sent is never wasted). Agents that hold no slot (waiting for their
+        first admission, or parked) have sent nothing and stop at once. No agent starts after
+        this. Each stopped agent's outcome is :class:`AgentDrainedError`; with a checkpointer
+        and a ``batch_id``, running the batch again resumes every one of them. Safe to call
+        from a signal handler (``loop.add_signal_handler``) and more than once.
+        """
+        self._drain_reason = reason
+        session = self._session
+        for agent_id, (task, control) in list(self._runs.items()):
+            holds = session is not None and session.gate.holds(agent_id)
+            if control is not None and holds:
+                control.request_drain(reason)
+            elif task is not None and not task.done() and agent_id not in self._drain_cancelled:
+                self._drain_cancelled.add(agent_id)
+                task.cancel()
+
     # -- one agent ---------------------------------------------------------------------------
 
     async def _run(
@@ -239,12 +305,64 @@ class ConcurGate:
         agent_id: str,
         kwargs: dict[str, Any],
     ) -> Any:
+        if self._drain_reason is not None:
+            raise AgentDrainedError(agent_id, self._drain_reason)
+        control: RunControl | None = kwargs.get("control")
+        if control is None and isinstance(self.graph, Pregel):
+            control = RunControl()
+            kwargs = {**kwargs, "control": control}
+        task = asyncio.current_task()
+        self._runs[agent_id] = (task, control)
         try:
             return await self.graph.ainvoke(input, _with_handler(config, handler), **kwargs)
+        except GraphDrained as exc:
+            if self._drain_reason is None:
+                raise  # the caller's own RunControl drained it: their exception, unchanged
+            raise AgentDrainedError(agent_id, exc.reason) from exc
+        except asyncio.CancelledError:
+            # Our own drain cancelled this agent (and nothing else did): its outcome is a
+            # drain, not a cancellation of the caller.
+            if (
+                agent_id in self._drain_cancelled
+                and task is not None
+                and task.cancelling() == 1
+                and self._drain_reason is not None
+            ):
+                task.uncancel()
+                raise AgentDrainedError(agent_id, self._drain_reason) from None
+            raise
         finally:
+            self._runs.pop(agent_id, None)
+            self._drain_cancelled.discard(agent_id)
             # The handler releases at the root run's end; this covers a run that never
             # started (cancelled before its first step) and costs nothing otherwise.
             await session.gate.release(agent_id)
+
+    async def _plans(
+        self,
+        inputs: Sequence[Any],
+        configs: list[tuple[RunnableConfig, str]],
+        batch_id: str | None,
+        kwargs: dict[str, Any],
+    ) -> list[tuple[AgentPlan, RunnableConfig]]:
+        """Each agent's plan and config; without a ``batch_id`` every agent starts afresh."""
+        if batch_id is None:
+            return [
+                (AgentPlan("start", input=input), cfg)
+                for input, (cfg, _) in zip(inputs, configs, strict=True)
+            ]
+        if not isinstance(batch_id, str) or not batch_id:
+            raise ConfigError(f"batch_id must be a non-empty string, got {batch_id!r}")
+        require_checkpointer(self.graph, batch_id)
+        check_durable_kwargs(kwargs)
+        out = []
+        for index, (input, (cfg, _)) in enumerate(zip(inputs, configs, strict=True)):
+            cfg = durable_config(cfg, batch_id=batch_id, task=input)
+            plan = await plan_agent(
+                self.graph, cfg, task=input, batch_id=batch_id, index=index, kwargs=kwargs
+            )
+            out.append((plan, cfg))
+        return out
 
     # -- the async API -----------------------------------------------------------------------
 
@@ -271,53 +389,56 @@ class ConcurGate:
         inputs: Sequence[Any],
         config: RunnableConfig | Sequence[RunnableConfig] | None = None,
         *,
+        batch_id: str | None = None,
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> list[Any]:
-        """Run one agent per input, all admitted by the gate; outputs in input order."""
-        inputs = list(inputs)
-        if not inputs:
-            return []
-        configs = agent_configs(config, len(inputs))
-        async with self._using() as (session, handler):
-            progress = BatchProgress(session, total=len(inputs), enabled=self.options.progress)
+        """Run one agent per input, all admitted by the gate; outputs in input order.
 
-            async def one(input: Any, config: RunnableConfig, agent_id: str) -> Any:
-                try:
-                    out = await self._run(session, handler, input, config, agent_id, kwargs)
-                except Exception:
-                    progress.finished(ok=False)
-                    raise
-                progress.finished(ok=True)
-                return out
-
-            async with progress:
-                tasks = [
-                    asyncio.create_task(one(input, cfg, agent_id))
-                    for input, (cfg, agent_id) in zip(inputs, configs, strict=True)
-                ]
-                try:
-                    if return_exceptions:
-                        await asyncio.wait(tasks)
-                    else:
-                        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-                finally:
-                    await _settle(tasks)
-            return _collect(tasks, return_exceptions=return_exceptions)
+        With ``batch_id`` (and a checkpointer) the batch is durable: running the same call
+        again after a crash or a drain returns finished agents' outputs from their checkpoints
+        without running them, and resumes the others from their last checkpoint
+        (docs/reliability.md).
+        """
+        results: list[Any] = [None] * len(inputs)
+        async for index, out in self._batch(
+            inputs, config, batch_id, return_exceptions=return_exceptions, kwargs=kwargs
+        ):
+            results[index] = out
+        return results
 
     async def abatch_as_completed(
         self,
         inputs: Sequence[Any],
         config: RunnableConfig | Sequence[RunnableConfig] | None = None,
         *,
+        batch_id: str | None = None,
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> AsyncIterator[tuple[int, Any]]:
-        """Like :meth:`abatch`, yielding ``(index, output)`` as each agent finishes."""
+        """Like :meth:`abatch`, yielding ``(index, output)`` as each agent finishes.
+
+        In a durable batch, agents that finished in an earlier run come first.
+        """
+        async for pair in self._batch(
+            inputs, config, batch_id, return_exceptions=return_exceptions, kwargs=kwargs
+        ):
+            yield pair
+
+    async def _batch(
+        self,
+        inputs: Sequence[Any],
+        config: RunnableConfig | Sequence[RunnableConfig] | None,
+        batch_id: str | None,
+        *,
+        return_exceptions: bool,
+        kwargs: dict[str, Any],
+    ) -> AsyncIterator[tuple[int, Any]]:
         inputs = list(inputs)
         if not inputs:
             return
-        configs = agent_configs(config, len(inputs))
+        configs = agent_configs(config, len(inputs), batch_id=batch_id)
+        plans = await self._plans(inputs, configs, batch_id, kwargs)
         async with self._using() as (session, handler):
             progress = BatchProgress(session, total=len(inputs), enabled=self.options.progress)
 
@@ -334,12 +455,17 @@ class ConcurGate:
 
             async with progress:
                 tasks = [
-                    asyncio.create_task(one(index, input, cfg, agent_id))
-                    for index, (input, (cfg, agent_id)) in enumerate(
-                        zip(inputs, configs, strict=True)
+                    asyncio.create_task(one(index, plan.input, cfg, agent_id))
+                    for index, ((plan, cfg), (_, agent_id)) in enumerate(
+                        zip(plans, configs, strict=True)
                     )
+                    if plan.action != "done"
                 ]
                 try:
+                    for index, (plan, _) in enumerate(plans):
+                        if plan.action == "done":  # finished in an earlier run
+                            progress.finished(ok=True)
+                            yield index, plan.output
                     for next_done in asyncio.as_completed(tasks):
                         yield await next_done
                 finally:
@@ -368,20 +494,3 @@ class ConcurGate:
     def stream(self, *args: Any, **kwargs: Any) -> NoReturn:
         """Refused: use :meth:`astream`."""
         self._sync("stream", "astream")
-
-
-def _collect(tasks: Sequence[asyncio.Task[_T]], *, return_exceptions: bool) -> list[Any]:
-    if not return_exceptions:
-        # The first failure in input order; every task has finished (see _settle).
-        for task in tasks:
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
-    results: list[Any] = []
-    for task in tasks:
-        if task.cancelled():
-            raise asyncio.CancelledError
-        exc = task.exception()
-        if exc is not None and not isinstance(exc, Exception):
-            raise exc
-        results.append(exc if exc is not None else task.result())
-    return results
