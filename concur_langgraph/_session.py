@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Self, TypedDict
 from ._adaptive import OPEN, AdmitLaw
 from ._controller import Controller, ControllerStatistics, _stop
 from ._errors import ConcurError, ConfigError
+from ._exporter import MetricsExporter, check_metrics_port
 from ._gate import Gate, GateStatistics
 from ._laws import ControlLaw, FixedLaw
 from ._leader import Leadership
@@ -74,6 +75,7 @@ class OtherSessionKwargs(TypedDict, total=False):
     progress: bool | None
     redis_url: str | None
     batch_id: str | None
+    metrics_port: int | None
 
 
 class SessionKwargs(OtherSessionKwargs, total=False):
@@ -146,6 +148,12 @@ class SessionOptions:
     """The batch's name in Redis: every worker with the same ``redis_url`` and ``batch_id``
     shares one window (and one leader). Required with ``redis_url``; several batches can share
     one Redis under different ids."""
+    metrics_port: int | None = None
+    """Serve the session's statistics in the Prometheus text format at
+    ``http://127.0.0.1:PORT/metrics`` while the session is entered (``docs/observability.md``);
+    ``0`` picks a free port (``ConcurSession.metrics_url`` says which). ``None``: no export.
+    Loopback only: the numbers are for a scraper or ``concur watch`` on the same host. Off by
+    default because a port is a resource two batches on one host would fight over."""
 
     def __post_init__(self) -> None:
         url = self.vllm_url
@@ -220,6 +228,8 @@ class SessionOptions:
                 "window: give either a window instance or redis_url (which makes the shared "
                 "window), not both"
             )
+        if self.metrics_port is not None:
+            check_metrics_port(self.metrics_port)  # its messages name metrics_port
 
     @property
     def start_window(self) -> int:
@@ -303,8 +313,14 @@ class ConcurSession:
         self._lead_task: asyncio.Task[None] | None = None
         # A controller that died during an earlier reign: raised on exit, as in-process.
         self._reign_failure: BaseException | None = None
+        self._exporter: MetricsExporter | None = None
         self._entered = False
         self._closed = False
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://127.0.0.1:PORT/metrics`` while the Prometheus export runs, else ``None``."""
+        return self._exporter.url if self._exporter is not None else None
 
     @property
     def controller(self) -> Controller | None:
@@ -351,12 +367,23 @@ class ConcurSession:
                 f"{who} shares its window through Redis and must be entered first: "
                 f"`async with {who}(redis_url=..., batch_id=...) as gate: ...`"
             )
+        if self.options.metrics_port is not None and not self._entered:
+            # The exporter's server needs an owner that closes it.
+            raise ConcurError(
+                f"{who} serves its metrics (metrics_port) and must be entered first: "
+                f"`async with {who}(metrics_port=...) as gate: ...`"
+            )
 
     async def __aenter__(self) -> ConcurSession:
         if self._entered or self._closed:
             raise ConcurError("a session can be entered once; create a new one per batch")
         opts = self.options
         try:
+            if opts.metrics_port is not None:
+                # First: a port in use fails before the controller or Redis is touched.
+                exporter = MetricsExporter(self.statistics, port=opts.metrics_port)
+                await exporter.start()
+                self._exporter = exporter
             if isinstance(self.window, RedisWindow):
                 await self._enter_distributed(self.window)
             else:
@@ -367,6 +394,7 @@ class ConcurSession:
                     await controller.__aenter__()
                     self._controller = controller
         except BaseException:
+            await self._close_exporter()
             await self._close_owned_window()
             self._closed = True
             raise
@@ -395,6 +423,7 @@ class ConcurSession:
             if failure is not None and exc is None:
                 raise failure
         finally:
+            await self._close_exporter()
             await self._close_owned_window()
 
     def statistics(self) -> SessionStatistics:
@@ -431,6 +460,11 @@ class ConcurSession:
             max_window=opts.max_window,
             initial_window=initial_window,
         )
+
+    async def _close_exporter(self) -> None:
+        exporter, self._exporter = self._exporter, None
+        if exporter is not None:
+            await exporter.aclose()
 
     async def _close_owned_window(self) -> None:
         if self.options.window is None:

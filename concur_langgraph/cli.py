@@ -16,6 +16,7 @@ _GROUPS: tuple[str, ...] = (
     "concur_langgraph.sim._cli",
     "concur_langgraph._demo",
     "concur_langgraph.bench._cli",
+    "concur_langgraph._watch",
     "concur_langgraph._run_cli",
 )
 
