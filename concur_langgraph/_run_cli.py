@@ -123,6 +123,8 @@ class RunOptions:
     """``--checkpoint`` as given; ``None`` is ``out + ".checkpoints.sqlite"``."""
     progress: bool = True
     """Show the live progress line (when stdout is a terminal); ``--no-progress`` clears it."""
+    metrics_port: int | None = None
+    """Serve the batch's own metrics on 127.0.0.1:PORT (``--metrics-port``; 0 picks one)."""
 
     def __post_init__(self) -> None:
         if ":" not in self.graph_spec.strip(":"):
@@ -179,6 +181,7 @@ class RunOptions:
             batch_id=args.batch_id,
             checkpoint=args.checkpoint,
             progress=not args.no_progress,
+            metrics_port=args.metrics_port,
         )
 
 
@@ -505,6 +508,7 @@ class BatchRun:
             law=parse_law(options.law),
             checkpointer=saver,
             progress=None if options.progress else False,
+            metrics_port=options.metrics_port,
             **extra,
         )
 
@@ -540,33 +544,38 @@ class BatchRun:
         async def consume() -> None:
             from langgraph.errors import GraphDrained
 
-            async for index, out in gate.abatch_as_completed(
-                [t.value for t in todo],
-                configs,
-                batch_id=options.effective_batch_id,
-                return_exceptions=True,
-            ):
-                self._pending -= 1
-                if isinstance(out, AgentDrainedError | GraphDrained):
-                    self.counts.drained += 1  # no record: the next --resume continues it
-                    continue
-                task = todo[index]
-                failed = isinstance(out, BaseException)
-                record = result_record(
-                    line=task.line,
-                    thread_id=options.thread_id(task.line),
-                    input_sha256=task.digest,
-                    outcome=out,
-                    failed=failed,
-                )
-                self._write(record)
-                status = record["status"]
-                if status == "error":
-                    self.counts.failed += 1
-                elif status == "interrupted":
-                    self.counts.interrupted += 1
-                else:
-                    self.counts.ok += 1
+            async with gate:
+                if gate.session is not None and gate.session.metrics_url is not None:
+                    _err(
+                        f"batch metrics: {gate.session.metrics_url} (concur watch URL --batch ...)"
+                    )
+                async for index, out in gate.abatch_as_completed(
+                    [t.value for t in todo],
+                    configs,
+                    batch_id=options.effective_batch_id,
+                    return_exceptions=True,
+                ):
+                    self._pending -= 1
+                    if isinstance(out, AgentDrainedError | GraphDrained):
+                        self.counts.drained += 1  # no record: the next --resume continues it
+                        continue
+                    task = todo[index]
+                    failed = isinstance(out, BaseException)
+                    record = result_record(
+                        line=task.line,
+                        thread_id=options.thread_id(task.line),
+                        input_sha256=task.digest,
+                        outcome=out,
+                        failed=failed,
+                    )
+                    self._write(record)
+                    status = record["status"]
+                    if status == "error":
+                        self.counts.failed += 1
+                    elif status == "interrupted":
+                        self.counts.interrupted += 1
+                    else:
+                        self.counts.ok += 1
 
         loop = asyncio.get_running_loop()
         self._consumer = asyncio.create_task(consume())
@@ -673,4 +682,10 @@ def register(subparsers: Any) -> None:
         "--checkpoint", help="SQLite checkpoint file (default: OUT.checkpoints.sqlite)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no live progress line")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve the batch's metrics at http://127.0.0.1:PORT/metrics (0: a free port) for "
+        "Prometheus and `concur watch --batch`",
+    )
     parser.set_defaults(func=_main)

@@ -134,3 +134,40 @@ def test_an_unreachable_metrics_url_exits_1_and_writes_no_result(
     assert code == 1
     assert f"cannot reach http://127.0.0.1:{port}/metrics" in stderr
     assert not out.exists()
+
+
+def test_metrics_port_serves_the_batch_metrics_and_names_the_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"n": 1}\n{"n": 2}\n', encoding="utf-8")
+    out = tmp_path / "r.jsonl"
+    code, _, err = _run(
+        capsys,
+        GRAPH,
+        str(tasks),
+        "--law",
+        "static:1",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--metrics-port",
+        "0",
+    )
+    assert code == 0
+    assert "batch metrics: http://127.0.0.1:" in err and "/metrics" in err
+    assert len(_records(out)) == 2
+
+
+def test_a_bad_metrics_port_names_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"n": 1}\n', encoding="utf-8")
+    out = tmp_path / "r.jsonl"
+    code, _, err = _run(
+        capsys, GRAPH, str(tasks), "--law", "static:1", "--out", str(out), "--metrics-port", "-3"
+    )
+    assert code == 2
+    assert "metrics_port" in err
+    assert not out.exists()
