@@ -41,7 +41,7 @@ class GateStatistics:
     completed: int
     """Agents whose run ended (any outcome) and whose slot was released."""
     llm_calls: int
-    """LLM calls that passed the gate."""
+    """LLM calls that reached the gate (counted on arrival, before any wait for a slot)."""
     parks_total: int
     """How many times an agent parked (one agent can park several times)."""
 
