@@ -10,6 +10,12 @@ from concur_langgraph.sim._calibrate import calibrate, calibrated_config
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._cost import CostModel
 from concur_langgraph.sim._engine import EngineMetrics, RequestOutput, SimEngine, SimRequest
+from concur_langgraph.sim._faults import (
+    FaultInjector,
+    Faults,
+    FaultStatistics,
+    TimeoutASGITransport,
+)
 from concur_langgraph.sim._metrics import render_metrics
 from concur_langgraph.sim._presets import PRESETS, get_preset
 from concur_langgraph.sim._server import SimServer, create_app
@@ -19,11 +25,15 @@ __all__ = [
     "PRESETS",
     "CostModel",
     "EngineMetrics",
+    "FaultInjector",
+    "FaultStatistics",
+    "Faults",
     "RequestOutput",
     "SimConfig",
     "SimEngine",
     "SimRequest",
     "SimServer",
+    "TimeoutASGITransport",
     "Tokenizer",
     "calibrate",
     "calibrated_config",

