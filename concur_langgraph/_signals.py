@@ -22,7 +22,9 @@ the same way.
 Partial failures: when one of several endpoints fails, the sample is built from the others
 and marked ``stale``, so it is visible (statistics, logs) but the controller does not move the
 window on it. An endpoint that comes back after a failure has no baseline for the interval that
-just ended, so its counters are re-read as a new baseline and that sample is ``stale`` too.
+just ended, so its counters are re-read as a new baseline and that sample is ``stale`` too. A
+page that lacks counter series it had before (cut short) counts as a missed scrape for its
+counters: the sample is ``stale`` and the missing series keep their baselines.
 Only when every endpoint fails does :meth:`VLLMMetricsSource.sample` raise.
 
 The removed metric names of vLLM before 0.12 (``vllm:gpu_cache_usage_perc``,
@@ -401,6 +403,13 @@ class VLLMMetricsSource:
             has_finished = has_finished or any(
                 key[0] == "requests_finished" for key in result.counters
             )
+            if ep.counters.keys() - result.counters.keys():
+                # An incomplete page (cut short, or a proxy's partial answer): counters it lacks
+                # would read as new series, whose delta is their whole history, on the next
+                # page. Keep their baselines and treat the scrape as missed for counters.
+                stale = True
+                ep.counters = {**ep.counters, **result.counters}
+                continue
             if ep.last_ok_round == previous_round:
                 for name, delta in _deltas(ep.counters, result.counters).items():
                     totals[name] += delta
