@@ -6,6 +6,10 @@ Stages (``--stages``, default all of them, in this order):
 * ``calibrate``: ``--calibration-repeats`` rounds of the calibration measurements of
   ``concur sim calibrate`` (``concur_langgraph.sim._calibrate.measure``: single prefills of
   64-1024 tokens, decode runs of 1/4/8 requests), appended to ``--samples`` (JSON lines).
+* ``steps``: ``--steps-rounds`` rounds of decode-step timings at batch sizes 1-32 (two decode
+  runs per batch size, 16 and 256 output tokens; the difference is one step), written to
+  ``--steps-out`` with the load average and added to ``--samples`` (tag ``batch-sweep``). Needs
+  a server whose KV cache holds 32 x 320 tokens: ``--serve`` starts one with 64 MiB for it.
 * ``real``: the ``real-24`` workload (ReAct agents x 6 steps, 96 output tokens per step,
   tools 0.2-2 s) with each of ``--agents`` agents under each ``--policy``, ``--repeats``
   times, on the real server in real time; records appended to ``--runs`` (JSON lines; cells
@@ -14,7 +18,8 @@ Stages (``--stages``, default all of them, in this order):
   the load the runs saw (on this shared 2-core machine, three single rounds taken one after
   the other gave constants 2-3x apart).
 * ``fit``: one :class:`CostModel` fitted on every pooled measurement of ``--samples``, on the
-  ``cpu-tiny`` KV geometry, written to ``--config`` (what ``concur sim calibrate --out`` writes).
+  ``cpu-tiny`` preset (KV geometry, ``reuse_generated_blocks=False``), the decode knee chosen
+  among ``DECODE_KNEES``, written to ``--config``.
 * ``sim``: the same cells on the simulator configured by ``--config`` (virtual time: once,
   exact and repeatable).
 * ``report``: real medians (with min-max) against the simulator, the ratio sim/real per
@@ -23,8 +28,8 @@ Stages (``--stages``, default all of them, in this order):
 
     python benchmarks/fidelity.py --serve                   # starts the CPU vLLM itself
     python benchmarks/fidelity.py --url http://127.0.0.1:PORT
-    python benchmarks/fidelity.py --stages sim,report       # re-run the model only (seconds)
-    python benchmarks/fidelity.py --stages sim,report --variant retokenized-outputs
+    python benchmarks/fidelity.py --stages sim,report       # re-run the model only (minutes)
+    python benchmarks/fidelity.py --url URL64 --stages steps,fit,sim,report   # step times
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from concur_langgraph.bench._runner import SimBackend, UrlBackend, run_one
 from concur_langgraph.bench._workload import Workload, load_workload
 from concur_langgraph.sim._calibrate import (
@@ -49,6 +57,7 @@ from concur_langgraph.sim._calibrate import (
     calibrated_config,
     fit_cost_model,
     measure,
+    measure_decode_steps,
 )
 from concur_langgraph.sim._cli import config_to_json, load_config
 from concur_langgraph.sim._presets import get_preset
@@ -57,7 +66,11 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 METRICS = ("makespan_s", "preemptions", "prefix_hit_rate", "generated_tokens")
 TARGET = (0.75, 1.33)
-STAGES = ("calibrate", "real", "fit", "sim", "report")
+STAGES = ("calibrate", "steps", "real", "fit", "sim", "report")
+STEP_BATCHES = (1, 2, 4, 8, 12, 16, 20, 24, 28, 32)
+STEPS_KV_BYTES = 64 * 1024 * 1024
+DECODE_KNEES = (0, 4, 8, 12, 16, 24)
+"""Candidate knees of the decode term; the fit keeps the one with the smallest residual."""
 
 
 def _workload(agents: int) -> Workload:
@@ -90,13 +103,78 @@ def calibrate_stage(url: str, rounds: int, samples_path: Path) -> None:
         print(f"  calibration round {i + 1}/{rounds}: {n} measurements", file=sys.stderr)
 
 
+def steps_stage(url: str, rounds: int, steps_path: Path, samples_path: Path) -> None:
+    """Rounds of decode-step timings at batch sizes 1-32 (``measure_decode_steps``).
+
+    Each batch size is two decode runs (16 and 256 output tokens); their difference is one
+    decode step, model-free, written to ``steps_path`` with the load average around it. Both
+    runs also join the pooled calibration measurements (tag ``batch-sweep``), so the fit sees
+    batches beyond the 8 of ``concur sim calibrate``. The server's KV cache must hold 32
+    sequences of ~320 tokens (``--kv-cache-memory-bytes 67108864``; the fidelity server's 16 MiB
+    holds 31 blocks of 128 and would preempt).
+    """
+    for i in range(rounds):
+        load0 = _load()
+        got = asyncio.run(measure_decode_steps(url, model="tiny", batch_sizes=STEP_BATCHES))
+        load1 = _load()
+        with (
+            steps_path.open("a", encoding="utf-8") as out,
+            samples_path.open("a", encoding="utf-8") as pooled,
+        ):
+            for sample in got:
+                row = {
+                    "batch": sample.batch,
+                    "step_s": sample.step_s,
+                    "short": dataclasses.asdict(sample.short),
+                    "long": dataclasses.asdict(sample.long),
+                    "load_avg_1m": [load0, load1],
+                    "round": i,
+                }
+                out.write(json.dumps(row, sort_keys=True) + "\n")
+                for run in (sample.short, sample.long):
+                    pooled_row = dataclasses.asdict(run)
+                    pooled_row.update(tag="batch-sweep", load_avg_1m=load0)
+                    pooled.write(json.dumps(pooled_row, sort_keys=True) + "\n")
+        steps = ", ".join(f"{s.batch}: {s.step_s * 1e3:.1f}" for s in got)
+        print(
+            f"  step-time round {i + 1}/{rounds} (load {load0:.1f}-{load1:.1f}), ms: {steps}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def step_summary(steps_path: Path) -> dict[str, Any]:
+    """Per batch size: the decode-step times measured (ms), their quartiles and the loads."""
+    rows = _read(steps_path)
+    out: dict[str, Any] = {}
+    for batch in sorted({r["batch"] for r in rows}):
+        mine = [r for r in rows if r["batch"] == batch]
+        ms = sorted(r["step_s"] * 1e3 for r in mine)
+        q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
+        out[str(batch)] = {
+            "n": len(ms),
+            "min_ms": ms[0],
+            "q1_ms": q[0],
+            "median_ms": q[1],
+            "q3_ms": q[2],
+            "max_ms": ms[-1],
+            "load_avg_1m_range": [
+                min(r["load_avg_1m"][0] for r in mine),
+                max(r["load_avg_1m"][1] for r in mine),
+            ],
+        }
+    return out
+
+
 def fit_stage(samples_path: Path, out: Path) -> dict[str, Any]:
     """Fit one cost model on every pooled measurement; write the calibrated cpu-tiny config."""
     names = {f.name for f in dataclasses.fields(CalibrationSample)}
     rows = _read(samples_path)
     samples = [CalibrationSample(**{k: v for k, v in r.items() if k in names}) for r in rows]
     base = get_preset("cpu-tiny")
-    cost = fit_cost_model(samples, kv_bytes_per_token=base.cost.kv_bytes_per_token)
+    cost = fit_cost_model(
+        samples, kv_bytes_per_token=base.cost.kv_bytes_per_token, decode_knees=DECODE_KNEES
+    )
     data = config_to_json(calibrated_config(base, cost))
     out.write_text(json.dumps(data, indent=2, default=str) + "\n")
     loads = [r["load_avg_1m"] for r in rows]
@@ -145,6 +223,38 @@ def _read(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+_ENGINE_SERIES = (
+    "vllm:iteration_tokens_total_count",
+    "vllm:iteration_tokens_total_sum",
+    "vllm:inter_token_latency_seconds_count",
+    "vllm:inter_token_latency_seconds_sum",
+)
+
+
+def _engine_counters(url: str) -> dict[str, float]:
+    """The real server's step and inter-token-latency histograms (summed over engines)."""
+    text = httpx.get(f"{url.rstrip('/')}/metrics", timeout=30.0).text
+    out = dict.fromkeys(_ENGINE_SERIES, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in out:
+                out[sample.name] += sample.value
+    return out
+
+
+def _engine_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Engine steps of one run, tokens per step and the mean inter-token latency: how long a
+    step took while agents ran (the simulator's own steps are comparable to the first two)."""
+    d = {k: after[k] - before[k] for k in _ENGINE_SERIES}
+    steps = d["vllm:iteration_tokens_total_count"]
+    itl_n = d["vllm:inter_token_latency_seconds_count"]
+    return {
+        "engine_steps": steps,
+        "tokens_per_step": d["vllm:iteration_tokens_total_sum"] / steps if steps else None,
+        "mean_itl_ms": 1e3 * d["vllm:inter_token_latency_seconds_sum"] / itl_n if itl_n else None,
+    }
+
+
 def real_stage(
     url: str,
     agents: Sequence[int],
@@ -166,8 +276,10 @@ def real_stage(
                     # Calibrate under the load the runs see: one round before each run.
                     measure_round(url, samples_path, tag="interleaved")
                 load0 = _load()
+                before = _engine_counters(url)
                 record = run_one(_workload(n), policy, backend, interval_s=1.0)
                 row = _row(record, agents=n, repeat=repeat, load0=load0)
+                row.update(_engine_stats(before, _engine_counters(url)))
                 _append(runs, row)
                 print(
                     f"  real {n:>3} agents {policy:<10} #{repeat}: {row['makespan_s']:6.1f} s, "
@@ -178,46 +290,28 @@ def real_stage(
                 )
 
 
-VARIANTS = ("calibrated", "retokenized-outputs")
-"""Simulator variants: ``calibrated`` is the model as shipped with the fitted constants;
-``retokenized-outputs`` also models what the real server does with the tiny random-weight
-model: the text of an answer, sent back in the next turn, re-tokenizes to other token ids, so
-no block holding generated tokens is ever a prefix-cache hit for a later prompt (measured: the
-real server's ``cached_tokens`` on turn k+1 are exactly the full blocks of turn k's *prompt*).
-It is the engine's ``SimConfig.reuse_generated_blocks=False``."""
-
-
 def sim_stage(
-    config_path: Path,
-    agents: Sequence[int],
-    policies: Sequence[str],
-    runs: Path,
-    variants: Sequence[str],
+    config_path: Path, agents: Sequence[int], policies: Sequence[str], runs: Path
 ) -> None:
     config = load_config(None, str(config_path))
-    labels = {f"sim:{v}" for v in variants}
-    kept = [r for r in _read(runs) if r["backend"] not in labels]
+    # Older records of the simulator side are replaced; the real ones are kept.
+    kept = [r for r in _read(runs) if not r["backend"].startswith("sim")]
     runs.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-    for variant in variants:
-        variant_config = dataclasses.replace(
-            config, reuse_generated_blocks=variant != "retokenized-outputs"
-        )
-        backend = SimBackend(config=variant_config, name=config_path.name)
-        for n in agents:
-            for policy in policies:
-                t0 = time.perf_counter()
-                record = run_one(_workload(n), policy, backend, interval_s=1.0)
-                row = _row(record, agents=n, repeat=0, load0=_load())
-                row["backend"] = f"sim:{variant}"
-                _append(runs, row)
-                print(
-                    f"  sim:{variant} {n:>3} agents {policy:<10}: "
-                    f"{row['makespan_s']:6.1f} s, {row['preemptions']} preemptions, "
-                    f"hit {row['prefix_hit_rate']:.3f} "
-                    f"(wall {time.perf_counter() - t0:.1f} s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    backend = SimBackend(config=config, name=config_path.name)
+    for n in agents:
+        for policy in policies:
+            t0 = time.perf_counter()
+            record = run_one(_workload(n), policy, backend, interval_s=1.0)
+            row = _row(record, agents=n, repeat=0, load0=_load())
+            row["backend"] = "sim"
+            _append(runs, row)
+            print(
+                f"  sim {n:>3} agents {policy:<10}: "
+                f"{row['makespan_s']:6.1f} s, {row['preemptions']} preemptions, "
+                f"hit {row['prefix_hit_rate']:.3f} (wall {time.perf_counter() - t0:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -232,14 +326,14 @@ def _ratio(sim: float | None, real: float | None) -> float | None:
 
 
 def _compare(
-    rows: list[dict[str, Any]], variant: str, agents: Sequence[int], policies: Sequence[str]
+    rows: list[dict[str, Any]], agents: Sequence[int], policies: Sequence[str]
 ) -> dict[str, Any]:
     cells: list[dict[str, Any]] = []
     for n in agents:
         for policy in policies:
             mine = [r for r in rows if (r["agents"], r["policy"]) == (n, policy)]
             real = [r for r in mine if r["backend"].startswith("vllm:")]
-            sim = [r for r in mine if r["backend"] == f"sim:{variant}"]
+            sim = [r for r in mine if r["backend"] == "sim"]
             if not real or not sim:
                 continue
             cell: dict[str, Any] = {"agents": n, "policy": policy, "repeats": len(real)}
@@ -288,19 +382,12 @@ def report_stage(
     runs: Path, out: Path, agents: Sequence[int], policies: Sequence[str], extra: dict[str, Any]
 ) -> dict[str, Any]:
     rows = _read(runs)
-    present = sorted(
-        {r["backend"].removeprefix("sim:") for r in rows if r["backend"].startswith("sim:")}
-    )
-    result: dict[str, Any] = {
-        "target": list(TARGET),
-        "variants": {v: _compare(rows, v, agents, policies) for v in present},
-        **extra,
-    }
+    comparison = _compare(rows, agents, policies)
+    result: dict[str, Any] = {"target": list(TARGET), **comparison, **extra}
     out.write_text(json.dumps(_strict(result), indent=2, sort_keys=True) + "\n")
-    for variant, comparison in result["variants"].items():
-        inside, total = comparison["ratios_in_target"]
-        print(f"\n### simulator: {variant} ({inside}/{total} ratios within {TARGET})\n")
-        print(markdown(comparison))
+    inside, total = comparison["ratios_in_target"]
+    print(f"\n### {inside}/{total} ratios within {TARGET}\n")
+    print(markdown(comparison))
     return result
 
 
@@ -332,7 +419,7 @@ def markdown(result: dict[str, Any]) -> str:
             )
         lines.append(line)
     lines.append("")
-    for n, order in result["ranking"].items():
+    for n, order in sorted(result["ranking"].items(), key=lambda item: int(item[0])):
         lines.append(f"- {n} agents, fastest first: real {order['real']}, sim {order['sim']}")
     return "\n".join(lines)
 
@@ -361,15 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="do not measure one calibration round before each real run",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "fidelity.json")
-    parser.add_argument(
-        "--variant",
-        action="append",
-        choices=VARIANTS,
-        default=None,
-        help="simulator variant(s) to run (default: all)",
-    )
+    parser.add_argument("--steps-rounds", type=int, default=4)
+    parser.add_argument("--steps-out", type=Path, default=RESULTS / "fidelity-step-times.jsonl")
     args = parser.parse_args(argv)
-    variants = args.variant or list(VARIANTS)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
@@ -377,12 +458,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     agents = [int(a) for a in args.agents.split(",")]
     policies = args.policy or ["none", "static:12", "static:4"]
     RESULTS.mkdir(exist_ok=True)
-    needs_server = {"calibrate", "real"} & set(stages)
+    needs_server = {"calibrate", "steps", "real"} & set(stages)
     server = None
     url = args.url
-    if needs_server and url is None:
-        if not args.serve:
-            parser.error("calibrate and real need --url URL or --serve")
+    if needs_server and url is None and not args.serve:
+        parser.error("calibrate, steps and real need --url URL or --serve")
+    if args.serve and "steps" in stages:
+        from concur_langgraph.testing.vllm_cpu import VLLMServerConfig, start_server
+
+        big = start_server(VLLMServerConfig(kv_cache_memory_bytes=STEPS_KV_BYTES))
+        try:
+            steps_stage(big.base_url, args.steps_rounds, args.steps_out, args.samples)
+        finally:
+            big.stop()
+        stages.remove("steps")
+    if args.serve and {"calibrate", "real"} & set(stages):
         from concur_langgraph.testing.vllm_cpu import VLLMServerConfig, start_server
 
         server = start_server(VLLMServerConfig())
@@ -395,6 +485,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "calibrate" in stages:
             assert url is not None
             calibrate_stage(url, args.calibration_repeats, args.samples)
+        if "steps" in stages:
+            assert url is not None
+            steps_stage(url, args.steps_rounds, args.steps_out, args.samples)
         if "real" in stages:
             assert url is not None
             interleave = None if args.no_interleave else args.samples
@@ -405,9 +498,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "fit" in stages:
         extra["calibration"] = fit_stage(args.samples, args.config)
     if "sim" in stages:
-        sim_stage(args.config, agents, policies, args.runs, variants)
+        sim_stage(args.config, agents, policies, args.runs)
     if "report" in stages:
         extra["config"] = json.loads(args.config.read_text())
+        if args.steps_out.exists():
+            extra["step_times"] = step_summary(args.steps_out)
         report_stage(args.runs, args.out, agents, policies, extra)
     return 0
 

@@ -7,14 +7,18 @@ Measurements (all with fresh random text, so nothing hits the prefix cache):
 * **Decode runs**: ``B`` concurrent requests of ``L`` prompt tokens each, ``ignore_eos`` and
   ``max_tokens=N``, timed from launch to the last answer: one prefill step of the whole batch,
   then ``N - 1`` decode steps of ``B`` sequences over growing contexts.
+* **Decode steps** (:func:`measure_decode_steps`): two decode runs of the same batch with
+  different ``N``; their difference is a number of pure-decode steps, timed with no model.
 
-Each measurement's duration is linear in six unknowns: the per-request overhead and the five
-:class:`CostModel` constants, with coefficients that follow from ``usage`` (prompt tokens,
-cached tokens, completion tokens) and the formulas of ``_cost.py``. A small non-negative least
-squares (normal equations, plain Python) fits them. The design separates every constant: the
-prefill sizes give the quadratic attention term and the linear prefill+KV term, decode runs at
-several batch sizes and contexts give the per-sequence and per-context-token terms, and two
-output lengths separate the per-step overhead from the per-request overhead.
+Each measurement's duration is linear in the unknowns: the per-request overhead and the
+:class:`CostModel` constants (with a decode knee, the cost per sequence below and above it),
+with coefficients that follow from ``usage`` (prompt tokens, cached tokens, completion tokens)
+and the formulas of ``_cost.py``. A small non-negative least squares on relative errors
+(normal equations, plain Python) fits them, once per candidate knee. The design separates
+every constant: the prefill sizes give the quadratic attention term and the linear prefill+KV
+term, decode runs at several batch sizes and contexts give the per-sequence and
+per-context-token terms, and two output lengths separate the per-step overhead from the
+per-request overhead.
 
 Clocks: durations are measured with the running loop's ``time()``, so calibrating a simulator
 under virtual time measures exactly what the simulator modelled.
@@ -38,10 +42,12 @@ from concur_langgraph.sim._cost import CostModel, chunk_attention_pairs
 
 __all__ = [
     "CalibrationSample",
+    "DecodeStepSample",
     "calibrate",
     "calibrated_config",
     "fit_cost_model",
     "measure",
+    "measure_decode_steps",
 ]
 
 
@@ -64,12 +70,29 @@ class CalibrationSample:
     kv_tokens_read: int
     """Context tokens read from the KV cache, summed over its steps."""
 
-    def features(self) -> list[float]:
+    @property
+    def decode_batch(self) -> int:
+        """Sequences in each decode step: a measurement's decode steps all carry the same batch
+        (one prefill step, then ``steps - 1`` decode steps of every request); 0 if none."""
+        if self.decode_seqs <= 0 or self.steps <= 1:
+            return 0
+        return self.decode_seqs // (self.steps - 1)
+
+    def features(self, decode_knee_seqs: int = 0) -> list[float]:
+        """Coefficients of the fitted unknowns: per-request overhead, the step overhead,
+        prefill, decode up to the knee, decode beyond it, attention, KV reads."""
+        below, above = float(self.decode_seqs), 0.0
+        batch = self.decode_batch
+        if decode_knee_seqs and batch > decode_knee_seqs:
+            decode_steps = self.decode_seqs / batch
+            below = float(decode_knee_seqs * decode_steps)
+            above = float(self.decode_seqs - below)
         return [
             float(self.requests),
             float(self.steps),
             float(self.prefill_tokens),
-            float(self.decode_seqs),
+            below,
+            above,
             float(self.attention_pairs),
             float(self.kv_tokens_read),
         ]
@@ -121,9 +144,20 @@ def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
 
 
 def fit_cost_model(
-    samples: Sequence[CalibrationSample], *, kv_bytes_per_token: float = 1.0
+    samples: Sequence[CalibrationSample],
+    *,
+    kv_bytes_per_token: float = 1.0,
+    decode_knees: Sequence[int] = (0,),
 ) -> CostModel:
     """Fit the :class:`CostModel` constants to measurements (non-negative least squares).
+
+    The fit minimises *relative* errors (each measurement is weighted by one over its
+    duration): on a shared machine the noise is multiplicative (other jobs stretch every step
+    alike), and an absolute fit would let the longest measurements decide every constant.
+
+    ``decode_knees``: candidate knees of the decode term (0: linear); each is fitted and the
+    one with the smallest residual wins. A knee is only a candidate when some measurement has
+    more decode sequences than it (otherwise nothing measures the cost beyond it).
 
     The fit measures seconds per context token read; it is expressed as a bandwidth for
     ``kv_bytes_per_token`` bytes per token (:func:`calibrated_config` rescales it to the base
@@ -132,8 +166,28 @@ def fit_cost_model(
     """
     if len(samples) < 6:
         raise ConfigError(f"samples: need at least 6 measurements to fit, got {len(samples)}")
-    coef = _nnls([s.features() for s in samples], [s.duration_s for s in samples])
-    _request, overhead, prefill, decode, attention, kv = coef
+    for knee in decode_knees:
+        if isinstance(knee, bool) or not isinstance(knee, int) or knee < 0:
+            raise ConfigError(f"decode_knees: each must be an integer >= 0, got {knee!r}")
+    if any(s.duration_s <= 0 for s in samples):
+        raise ConfigError("samples: every duration_s must be > 0")
+    biggest = max(s.decode_batch for s in samples)
+    knees = [k for k in decode_knees if k == 0 or k < biggest]
+    if not knees:
+        raise ConfigError(
+            f"decode_knees: no candidate below the largest measured decode batch ({biggest})"
+        )
+    y = [1.0] * len(samples)
+    best: tuple[float, int, list[float]] | None = None
+    for knee in knees:
+        rows = [[f / s.duration_s for f in s.features(knee)] for s in samples]
+        coef = _nnls(rows, y)
+        residual = sum((sum(c * f for c, f in zip(coef, r, strict=True)) - 1.0) ** 2 for r in rows)
+        if best is None or residual < best[0]:
+            best = (residual, knee, coef)
+    assert best is not None
+    _residual, knee, coef = best
+    _request, overhead, prefill, decode, above, attention, kv = coef
     return CostModel(
         step_overhead_s=overhead,
         prefill_token_s=prefill,
@@ -141,6 +195,8 @@ def fit_cost_model(
         attention_pair_s=attention,
         kv_bytes_per_token=kv_bytes_per_token,
         kv_read_bytes_per_s=kv_bytes_per_token / kv if kv > 0 else math.inf,
+        decode_knee_seqs=knee,
+        decode_seq_above_knee_s=above if knee else 0.0,
     )
 
 
@@ -249,11 +305,7 @@ async def measure(
         served, max_len = await api.get_model()
         api.model = model or served
         limit = (max_len or 1 << 30) - max(output_tokens) - 8
-        # Tokens per word (and the template's fixed tokens) on this server's tokenizer.
-        p1, _, _ = await api.chat(50, 1)
-        p2, _, _ = await api.chat(150, 1)
-        per_word = max((p2 - p1) / 100, 1e-3)
-        fixed = p1 - 50 * per_word
+        per_word, fixed = await _tokens_per_word(api)
 
         def words_for(tokens: int) -> int:
             return max(1, round((min(tokens, limit) - fixed) / per_word))
@@ -309,6 +361,79 @@ async def _decode_run(
     )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecodeStepSample:
+    """The duration of one decode step of ``batch`` sequences, from two timed decode runs.
+
+    Two runs of the same batch that differ only in their output length share the prefill and
+    the per-request overhead, so the difference of their durations over the difference of
+    their steps is the time of a pure-decode step, with no model assumed.
+    """
+
+    short: CalibrationSample
+    """The run with fewer output tokens."""
+    long: CalibrationSample
+    """The same batch with more output tokens."""
+
+    @property
+    def batch(self) -> int:
+        """Concurrent requests: the sequences in every decode step."""
+        return self.long.decode_batch
+
+    @property
+    def step_s(self) -> float:
+        """Seconds per decode step: the difference of durations over the difference of steps."""
+        return (self.long.duration_s - self.short.duration_s) / (self.long.steps - self.short.steps)
+
+
+async def measure_decode_steps(
+    base_url: str,
+    *,
+    client: httpx.AsyncClient | None = None,
+    model: str | None = None,
+    batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 24, 32),
+    context_tokens: int = 64,
+    output_tokens: tuple[int, int] = (16, 256),
+) -> list[DecodeStepSample]:
+    """Time a pure-decode step at each batch size (one :class:`DecodeStepSample` each).
+
+    The server's KV cache must hold ``max(batch_sizes)`` sequences of ``context_tokens +
+    output_tokens[1]`` tokens, or preemptions spoil the long run. Longer runs average out the
+    start and end of each run (HTTP, the prefill step) over more steps.
+    """
+    short, long = output_tokens
+    if not 1 <= short < long:
+        raise ConfigError(
+            f"output_tokens must be (short, long) with 1 <= short < long, got {output_tokens!r}"
+        )
+    own = client is None
+    http = client or httpx.AsyncClient(timeout=600.0)
+    loop = asyncio.get_running_loop()
+    try:
+        api = _Client(http, _root(base_url), model)
+        served, _max_len = await api.get_model()
+        api.model = model or served
+        per_word, fixed = await _tokens_per_word(api)
+        words = max(1, round((context_tokens - fixed) / per_word))
+        out: list[DecodeStepSample] = []
+        for batch in batch_sizes:
+            first = await _decode_run(api, loop, batch, words, short)
+            second = await _decode_run(api, loop, batch, words, long)
+            out.append(DecodeStepSample(short=first, long=second))
+        return out
+    finally:
+        if own:
+            await http.aclose()
+
+
+async def _tokens_per_word(api: _Client) -> tuple[float, float]:
+    """(tokens per word, fixed template tokens) of the server's tokenizer on our text."""
+    p1, _, _ = await api.chat(50, 1)
+    p2, _, _ = await api.chat(150, 1)
+    per_word = max((p2 - p1) / 100, 1e-3)
+    return per_word, p1 - 50 * per_word
+
+
 async def calibrate(
     base_url: str,
     *,
@@ -320,12 +445,15 @@ async def calibrate(
     contexts: Sequence[int] = (48, 192),
     output_tokens: Sequence[int] = (8, 32),
     repeats: int = 2,
+    decode_knees: Sequence[int] = (0,),
 ) -> CostModel:
     """Measure a vLLM-compatible server at ``base_url`` and fit a :class:`CostModel`.
 
     ``client`` (e.g. a ``SimServer.http_client()``) replaces the default ``httpx`` client;
     ``model`` defaults to the first model ``/v1/models`` lists. Use
-    :func:`calibrated_config` to put the result into a preset.
+    :func:`calibrated_config` to put the result into a preset. ``decode_knees``: candidate
+    knees of the decode term (see :func:`fit_cost_model`; only knees below the largest of
+    ``batch_sizes`` can win).
     """
     samples = await measure(
         base_url,
@@ -337,4 +465,4 @@ async def calibrate(
         output_tokens=output_tokens,
         repeats=repeats,
     )
-    return fit_cost_model(samples, kv_bytes_per_token=kv_bytes_per_token)
+    return fit_cost_model(samples, kv_bytes_per_token=kv_bytes_per_token, decode_knees=decode_knees)

@@ -92,7 +92,13 @@ def config_from_json(data: dict[str, Any], base: SimConfig | None = None) -> Sim
             "(or give a preset: --preset NAME or a 'preset' key)"
         )
     assert cost is not None
-    cost_missing = sorted(set(cost_fields) - set(cost))
+    # Fields with a default (the decode knee, added later) may be left out, so config files
+    # written before them still load.
+    cost_missing = sorted(
+        name
+        for name, field in cost_fields.items()
+        if field.default is dataclasses.MISSING and name not in cost
+    )
     if cost_missing:
         raise ConfigError(f"config.cost: missing CostModel field(s) {', '.join(cost_missing)}")
     return SimConfig(**data, cost=CostModel(**cost))

@@ -80,12 +80,15 @@ H100_QWEN3_32B_TP2: Final = SimConfig(
 # bf16 -> 2*4*4*64*2 = 4096 bytes/token; --kv-cache-memory-bytes 16 MiB = 4096 tokens =
 # 32 blocks of 128 (CPU default block size); --max-model-len 2048; CPU defaults
 # max_num_seqs 128 and max_num_batched_tokens 2048 (online serving, world size 1).
-# Times: fitted by `concur sim calibrate`'s measurements (single prefills of 64-1024 tokens,
-# decode runs of 1/4/8 requests) on the real server, 176 measurements pooled over 11 rounds
-# taken between the fidelity runs of benchmarks/fidelity.py (2026-11-25, load average 11-17
-# on the shared 2-core machine); rounded to 3 digits. The fit puts no weight on attention or
-# KV reads: at this model's size (4 layers, 4 heads of 64) and contexts below 2048 tokens they
-# vanish in the per-step and per-token costs (prefills are linear in size on the real server).
+# Times: fitted (relative least squares, decode knee chosen among 0/4/8/12/16/24) on 296
+# measurements of the real server pooled by benchmarks/fidelity.py (2026-11-25, load average
+# 5-17 on the shared 2-core machine): 176 from `concur sim calibrate`'s rounds (single prefills
+# of 64-1024 tokens, decode runs of 1/4/8 requests) taken between the fidelity runs, and 120
+# from decode runs of 1-32 requests x 16 and 256 tokens (the `steps` stage); rounded to 3
+# digits. A decode step costs 0.50 ms per sequence up to 4 sequences and 0.25 ms for each
+# further one: a 3.7M-parameter model computes little per sequence and most of a step's work
+# is the same whatever the batch, so the decode term is concave, not linear. The fit puts no
+# weight on attention or KV reads at these sizes (contexts below 2048 tokens).
 # docs/simulator.md, "Fidelity against a real vLLM", compares the result with the real server.
 CPU_TINY: Final = SimConfig(
     model_name="tiny",
@@ -95,13 +98,20 @@ CPU_TINY: Final = SimConfig(
     max_num_batched_tokens=2048,
     max_model_len=2048,
     cost=CostModel(
-        step_overhead_s=1.51e-3,
-        prefill_token_s=32.2e-6,
-        decode_seq_s=1.25e-3,
+        step_overhead_s=2.26e-3,
+        prefill_token_s=39.4e-6,
+        decode_seq_s=0.502e-3,
         attention_pair_s=0.0,
         kv_bytes_per_token=4096,
         kv_read_bytes_per_s=math.inf,
+        decode_knee_seqs=4,
+        decode_seq_above_knee_s=0.254e-3,
     ),
+    # The random-weight model's answers, detokenized and sent back in the next turn,
+    # re-tokenize to other ids (~25% more tokens), so the real server never serves an answer's
+    # blocks from the cache: its cached_tokens on turn k+1 are exactly the full blocks of turn
+    # k's prompt (measured, docs/simulator.md). Other presets model trained models.
+    reuse_generated_blocks=False,
     vocab_size=2048,
 )
 

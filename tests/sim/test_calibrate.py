@@ -164,3 +164,117 @@ def test_config_type_is_checked() -> None:
             max_model_len=64,
             cost="fast",  # type: ignore[arg-type]
         )
+
+
+KNEE = dataclasses.replace(
+    TRUE, attention_pair_s=0.0, decode_knee_seqs=8, decode_seq_above_knee_s=0.1e-3
+)
+
+
+def knee_samples(cost: CostModel) -> list[CalibrationSample]:
+    """Prefills and decode runs of 1-32 sequences timed on a server following ``cost``
+    (per-step costs summed step by step, so a knee applies to each step's batch)."""
+    request_s = 1e-3
+    out: list[CalibrationSample] = []
+    for p in (64, 256, 512, 1024):
+        out.append(
+            CalibrationSample(
+                duration_s=request_s + cost.prefill_time(p),
+                requests=1,
+                steps=1,
+                prefill_tokens=p,
+                decode_seqs=0,
+                attention_pairs=chunk_attention_pairs(0, p),
+                kv_tokens_read=p,
+            )
+        )
+    for batch in (1, 4, 8, 12, 16, 24, 32):
+        for ctx in (48, 64):
+            for n in (16, 64):
+                total, d = batch * ctx, n - 1
+                dctx = d * total + batch * d * (d + 1) // 2
+                prefill_pairs = batch * chunk_attention_pairs(0, ctx)
+                t = (
+                    request_s
+                    + cost.step_time(
+                        prefill_tokens=total, attention_pairs=prefill_pairs, kv_tokens_read=total
+                    )
+                    + cost.decode_run_time(seqs=batch, context_sum=total, steps=d)
+                )
+                out.append(
+                    CalibrationSample(
+                        duration_s=t,
+                        requests=1,
+                        steps=n,
+                        prefill_tokens=total,
+                        decode_seqs=batch * d,
+                        attention_pairs=prefill_pairs + dctx,
+                        kv_tokens_read=total + dctx,
+                    )
+                )
+    return out
+
+
+def test_fit_finds_the_decode_knee() -> None:
+    fitted = fit_cost_model(knee_samples(KNEE), kv_bytes_per_token=4096, decode_knees=(0, 4, 8, 16))
+    assert fitted.decode_knee_seqs == 8
+    assert fitted.decode_seq_above_knee_s == pytest.approx(KNEE.decode_seq_above_knee_s, rel=1e-6)
+    assert_close(fitted, KNEE, rel=1e-6)
+
+
+def test_a_linear_server_gets_a_model_that_predicts_linearly() -> None:
+    linear = dataclasses.replace(TRUE, attention_pair_s=0.0)
+    fitted = fit_cost_model(knee_samples(linear), decode_knees=(0, 8, 16))
+    # Whatever knee wins, the model must predict the linear server's decode steps.
+    for batch in (1, 8, 9, 16, 32):
+        assert fitted.decode_time(batch) == pytest.approx(linear.decode_time(batch), rel=1e-6)
+
+
+def test_knees_beyond_the_measured_batches_are_not_candidates() -> None:
+    samples = synthetic(TRUE, request_s=0.0)  # decode batches up to 8
+    fitted = fit_cost_model(samples, decode_knees=(0, 8, 16))
+    assert fitted.decode_knee_seqs == 0
+    with pytest.raises(ConfigError, match="decode_knees"):
+        fit_cost_model(samples, decode_knees=(16,))
+    with pytest.raises(ConfigError, match="decode_knees"):
+        fit_cost_model(samples, decode_knees=(-1,))
+
+
+def test_decode_batch_of_a_measurement() -> None:
+    prefill, decode = knee_samples(KNEE)[0], knee_samples(KNEE)[-1]
+    assert prefill.decode_batch == 0
+    assert decode.decode_batch == 32
+
+
+def test_decode_steps_measured_on_the_simulator_are_its_step_times() -> None:
+    from concur_langgraph.sim._calibrate import measure_decode_steps
+    from concur_langgraph.sim._server import SimServer
+
+    # Room for 32 sequences of 64 + 256 tokens, and a batch that prefills in one step.
+    cfg = dataclasses.replace(
+        get_preset("cpu-tiny"), num_blocks=128, max_num_batched_tokens=4096, cost=KNEE
+    )
+    no_context = dataclasses.replace(KNEE, kv_read_bytes_per_s=math.inf)
+    cfg = dataclasses.replace(cfg, cost=no_context)
+
+    async def main() -> list[float]:
+        async with SimServer(cfg) as server, server.http_client() as client:
+            got = await measure_decode_steps(server.base_url, client=client)
+            return [s.step_s for s in got]
+
+    measured = vtime.run(main())
+    batches = (1, 2, 4, 8, 16, 24, 32)
+    expected = [no_context.decode_step_time(seqs=b, context_sum=0) for b in batches]
+    assert measured == pytest.approx(expected, rel=1e-9)
+    # The knee is visible in the measurement: each sequence beyond 8 costs less.
+    assert measured[-1] - measured[-2] < measured[3] - measured[2]
+
+
+def test_measure_decode_steps_checks_output_tokens() -> None:
+    from concur_langgraph.sim._calibrate import measure_decode_steps
+
+    async def main() -> None:
+        await measure_decode_steps("http://server:8000", output_tokens=(32, 16))
+
+    with pytest.raises(ConfigError, match="output_tokens"):
+        vtime.run(main())

@@ -34,6 +34,7 @@ COST = CostModel(
     kv_bytes_per_token=4096,
     kv_read_bytes_per_s=4.096e11,
 )
+KNEE_COST = dataclasses.replace(COST, decode_knee_seqs=3, decode_seq_above_knee_s=20e-6)
 
 
 def config(**kw: Any) -> SimConfig:
@@ -542,7 +543,15 @@ def test_bad_config_is_refused_naming_the_field(changes: dict[str, Any], field: 
 
 
 @pytest.mark.parametrize(
-    "name", ["step_overhead_s", "prefill_token_s", "decode_seq_s", "attention_pair_s"]
+    "name",
+    [
+        "step_overhead_s",
+        "prefill_token_s",
+        "decode_seq_s",
+        "attention_pair_s",
+        "decode_seq_above_knee_s",
+        "decode_knee_seqs",
+    ],
 )
 def test_bad_cost_is_refused_naming_the_field(name: str) -> None:
     with pytest.raises(ConfigError, match=name):
@@ -573,11 +582,57 @@ def test_presets_follow_their_derivations() -> None:
         assert cfg.kv_capacity_tokens >= cfg.max_model_len
 
 
-def test_decode_run_closed_form_matches_step_sum() -> None:
+@pytest.mark.parametrize("cost", [COST, KNEE_COST], ids=["linear", "knee"])
+def test_decode_run_closed_form_matches_step_sum(cost: CostModel) -> None:
     total = 0.0
     for j in range(37):
-        total += COST.decode_step_time(seqs=5, context_sum=1000 + 5 * j)
-    assert COST.decode_run_time(seqs=5, context_sum=1000, steps=37) == pytest.approx(total)
+        total += cost.decode_step_time(seqs=5, context_sum=1000 + 5 * j)
+    assert cost.decode_run_time(seqs=5, context_sum=1000, steps=37) == pytest.approx(total)
+
+
+def test_decode_cost_bends_at_the_knee() -> None:
+    # 3 sequences at 100 us each, every further one at 20 us.
+    assert KNEE_COST.decode_time(2) == pytest.approx(200e-6)
+    assert KNEE_COST.decode_time(3) == pytest.approx(300e-6)
+    assert KNEE_COST.decode_time(10) == pytest.approx(300e-6 + 7 * 20e-6)
+    assert KNEE_COST.min_decode_seq_s == 20e-6
+    assert COST.decode_time(10) == pytest.approx(10 * COST.decode_seq_s)
+    assert COST.min_decode_seq_s == COST.decode_seq_s
+
+
+def test_a_knee_needs_its_count() -> None:
+    with pytest.raises(ConfigError, match="decode_knee_seqs is 0"):
+        dataclasses.replace(COST, decode_seq_above_knee_s=1e-6)
+
+
+def test_the_engine_times_a_big_batch_with_the_knee() -> None:
+    batch = 6
+
+    async def main() -> float:
+        engine = SimEngine(config(cost=KNEE_COST))
+        reqs = [
+            engine.add_request(tokens(i, 10), max_tokens=20, ignore_eos=True) for i in range(batch)
+        ]
+        outs = [await r.result() for r in reqs]
+        await engine.aclose()
+        return max(o.finish_time for o in outs)
+
+    # One step prefills the six prompts together, then 19 decode steps of six sequences.
+    prefill = KNEE_COST.step_time(
+        prefill_tokens=batch * 10,
+        attention_pairs=batch * (10 * 11 // 2),
+        kv_tokens_read=batch * 10,
+    )
+    decode = KNEE_COST.decode_run_time(seqs=batch, context_sum=batch * 10, steps=19)
+    assert run(main) == pytest.approx(prefill + decode, rel=1e-9)
+    # Beyond the knee the six-sequence decode is cheaper than the linear model's.
+    assert decode < COST.decode_run_time(seqs=batch, context_sum=batch * 10, steps=19)
+
+
+def test_cpu_tiny_does_not_reuse_generated_blocks() -> None:
+    # The real server's random-weight model never serves an answer's blocks from the cache.
+    assert get_preset("cpu-tiny").reuse_generated_blocks is False
+    assert get_preset("h100-qwen3-32b-tp2").reuse_generated_blocks is True
 
 
 # ---- invariants over random workloads -------------------------------------------------------
