@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint typecheck system-deps real-vllm bench bench-fidelity clean help
+.PHONY: demo test test-fast lint typecheck system-deps real-vllm bench bench-fidelity bench-load clean help
 
 help:
 	@echo "make demo    - LangGraph agent batch on the simulator, without and with the gate"
@@ -52,6 +52,10 @@ bench: $(STAMP)
 # The simulator against a real vLLM CPU server (calibration + the same workloads on both): ~35 min.
 bench-fidelity: $(STAMP) real-vllm
 	$(BIN)/python benchmarks/fidelity.py --serve
+
+# 500-5,000 agents in one process on the simulator: memory per agent, no slot leaks (~11 min).
+bench-load: $(STAMP)
+	$(BIN)/python benchmarks/load.py --sweep
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache out

@@ -46,6 +46,7 @@ import inspect
 import sys
 import threading
 from collections.abc import Callable, Coroutine
+from types import TracebackType
 from typing import Any, Unpack
 from uuid import UUID
 
@@ -58,10 +59,12 @@ __all__ = ["ConcurCallbackHandler"]
 
 
 class _Root:
-    __slots__ = ("agent_id", "pending", "runs")
+    __slots__ = ("agent_id", "pending", "runs", "task")
 
     def __init__(self, agent_id: str) -> None:
         self.agent_id = agent_id
+        # For a model called outside any graph run: the task that called it (see _bare).
+        self.task: asyncio.Task[Any] | None = None
         # Every run id below this root, so that the whole subtree is forgotten at the root's
         # end even when some child's end event never fires (cancellation).
         self.runs: set[UUID] = set()
@@ -100,6 +103,13 @@ class ConcurCallbackHandler(SessionUser, AsyncCallbackHandler):
         self._roots: dict[UUID, _Root] = {}
         self._agent_roots: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Model calls outside any graph run are roots of their own, closed by on_llm_end /
+        # on_llm_error, neither of which fires when the call is cancelled. So each calling task
+        # is watched (one done-callback per task, not per call): when it ends, or starts its
+        # next such call, a root it left open is closed and its slot released.
+        self._bare: dict[asyncio.Task[Any], UUID] = {}
+        self._watched: set[asyncio.Task[Any]] = set()
+        self._closers: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -116,6 +126,17 @@ class ConcurCallbackHandler(SessionUser, AsyncCallbackHandler):
         """Root runs started and not yet ended (0 after a clean batch: nothing leaked)."""
         return len(self._roots)
 
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Releases of cancelled bare model calls still in flight finish inside the session.
+        if self._closers:
+            await asyncio.gather(*self._closers, return_exceptions=True)
+        await super().__aexit__(exc_type, exc, tb)
+
     # -- bookkeeping -------------------------------------------------------------------------
 
     def _track(self, run_id: UUID, parent_run_id: UUID | None) -> _Root | None:
@@ -128,6 +149,32 @@ class ConcurCallbackHandler(SessionUser, AsyncCallbackHandler):
                 self._root_of[run_id] = root_id
                 root.runs.add(run_id)
             return root
+
+    def _untrack(self, run_id: UUID) -> None:
+        """A run below a root ended: forget it now, so an agent's bookkeeping does not grow
+        with its steps (the root's end still sweeps children whose end never fired)."""
+        with self._lock:
+            root_id = self._root_of.get(run_id)
+            if root_id is None or root_id == run_id:
+                return
+            del self._root_of[run_id]
+            root = self._roots.get(root_id)
+            if root is not None:
+                root.runs.discard(run_id)
+
+    async def _run_ended(self, run_id: UUID) -> None:
+        if run_id in self._roots:
+            await self._close_root(run_id)
+        else:
+            self._untrack(run_id)
+
+    def _bare_task_done(self, task: asyncio.Task[Any]) -> None:
+        self._watched.discard(task)
+        run_id = self._bare.pop(task, None)
+        if run_id is not None and run_id in self._roots:
+            closer = asyncio.get_running_loop().create_task(self._close_root(run_id))
+            self._closers.add(closer)
+            closer.add_done_callback(self._closers.discard)
 
     def _open_root(self, run_id: UUID, metadata: dict[str, Any] | None) -> None:
         thread_id = (metadata or {}).get("thread_id")
@@ -154,6 +201,8 @@ class ConcurCallbackHandler(SessionUser, AsyncCallbackHandler):
                 return
             for child in root.runs:
                 self._root_of.pop(child, None)
+            if root.task is not None and self._bare.get(root.task) == run_id:
+                del self._bare[root.task]
             refs = self._agent_roots[root.agent_id] - 1
             if refs:
                 self._agent_roots[root.agent_id] = refs
@@ -214,8 +263,7 @@ class ConcurCallbackHandler(SessionUser, AsyncCallbackHandler):
     async def on_chain_end(
         self, outputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
     ) -> None:
-        if run_id in self._roots:
-            await self._close_root(run_id)
+        await self._run_ended(run_id)
 
     async def on_chain_error(
         self,
@@ -225,8 +273,7 @@ class ConcurCallbackHandler(SessionUser, AsyncCallbackHandler):
         parent_run_id: UUID | None = None,
         **kwargs: Any,
     ) -> None:
-        if run_id in self._roots:
-            await self._close_root(run_id)
+        await self._run_ended(run_id)
 
     async def on_tool_start(
         self,
@@ -239,6 +286,21 @@ class ConcurCallbackHandler(SessionUser, AsyncCallbackHandler):
     ) -> None:
         self._track(run_id, parent_run_id)
 
+    async def on_tool_end(
+        self, output: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
+    ) -> None:
+        self._untrack(run_id)
+
+    async def on_tool_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._untrack(run_id)
+
     async def on_retriever_start(
         self,
         serialized: dict[str, Any],
@@ -249,6 +311,21 @@ class ConcurCallbackHandler(SessionUser, AsyncCallbackHandler):
         **kwargs: Any,
     ) -> None:
         self._track(run_id, parent_run_id)
+
+    async def on_retriever_end(
+        self, documents: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
+    ) -> None:
+        self._untrack(run_id)
+
+    async def on_retriever_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._untrack(run_id)
 
     # -- model events: the gate --------------------------------------------------------------
 
@@ -288,7 +365,20 @@ class ConcurCallbackHandler(SessionUser, AsyncCallbackHandler):
         agent_id, root = self._model_agent(run_id, parent_run_id, metadata)
         if root is None:
             self._check_session()
+            task = asyncio.current_task()
+            if task is not None:
+                left_open = self._bare.get(task)
+                if left_open is not None:
+                    # This task's previous call was cancelled and the task went on (e.g. an
+                    # asyncio.timeout caught it): that call is over, release its slot.
+                    await self._close_root(left_open)
+                elif task not in self._watched:
+                    self._watched.add(task)
+                    task.add_done_callback(self._bare_task_done)
             self._open_root(run_id, {"thread_id": agent_id})
+            if task is not None:
+                self._roots[run_id].task = task
+                self._bare[task] = run_id
         await self.session.gate.before_llm_call(agent_id)
 
     def _sync_on_model_start(
@@ -337,8 +427,7 @@ class ConcurCallbackHandler(SessionUser, AsyncCallbackHandler):
     async def on_llm_end(
         self, response: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
     ) -> None:
-        if run_id in self._roots:
-            await self._close_root(run_id)
+        await self._run_ended(run_id)
 
     async def on_llm_error(
         self,
@@ -348,5 +437,4 @@ class ConcurCallbackHandler(SessionUser, AsyncCallbackHandler):
         parent_run_id: UUID | None = None,
         **kwargs: Any,
     ) -> None:
-        if run_id in self._roots:
-            await self._close_root(run_id)
+        await self._run_ended(run_id)
