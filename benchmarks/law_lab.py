@@ -22,8 +22,9 @@ lab's own definitions below (same names; documented in docs/laws.md).
 
 Policies: ``none`` (no gate), ``static:K``, ``static-sweep`` (K in 2,4,8,...,agents; the best is
 reported), and every name in :data:`LAWS`, optionally with constants (``budget:fill=0.9``) and
-with ``+plain`` appended (samples without the proposed ``Sample`` fields ``requests_finished``,
-``agents_admitted``, ``agents_queued``: what the laws see with today's signal source). Laws
+with ``+plain`` appended (samples without ``requests_finished``: a server that does not export
+``vllm:request_success_total``; the controller still fills ``agents_admitted`` and
+``agents_queued`` from the window). Laws
 with ``starts_open = True`` start with the window at the agent count, the others at
 ``--initial-window`` (4, the session default). Virtual time is exact: the same command gives
 the same numbers on any machine (as long as the simulator's code does not change).
@@ -147,18 +148,6 @@ def expand(policies: list[str], agents: int) -> list[str]:
 # ---- signals --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LabSample(Sample):
-    """:class:`Sample` plus the field docs/laws.md proposes (laws read it with getattr)."""
-
-    requests_finished: int | None = None
-    """Requests finished over the interval (delta of ``vllm:request_success_total``)."""
-    agents_admitted: int | None = None
-    """Agents holding a slot of the window now."""
-    agents_queued: int | None = None
-    """Agents waiting at the gate now (never admitted, and parked)."""
-
-
 class EngineSource:
     """A :class:`SignalSource` reading a :class:`SimEngine` directly (VLLMMetricsSource rules)."""
 
@@ -182,7 +171,7 @@ class EngineSource:
         queries = m.prefix_cache_queries - p.prefix_cache_queries
         hits = m.prefix_cache_hits - p.prefix_cache_hits
         w = self._window.statistics() if self._window is not None else None
-        sample = LabSample(
+        sample = Sample(
             agents_admitted=None if w is None else w.holders,
             agents_queued=None if w is None else w.waiting_new + w.waiting_parked,
             requests_finished=(
@@ -252,7 +241,8 @@ async def _batch(
     plans = workload.plans()
     n = workload.agents
 
-    # "<law>+plain": the samples carry only today's Sample fields (no proposed extension).
+    # "<law>+plain": samples without requests_finished (a vLLM that does not export
+    # request_success_total).
     policy, plain = policy.removesuffix("+plain"), policy.endswith("+plain")
     law: ControlLaw | None = None
     if policy.startswith("static:"):
@@ -396,57 +386,19 @@ def _run_args(args: tuple[str, str, str, float, int | None, bool]) -> RunResult:
 
 def harness_check(workload_name: str, preset: str, policies: list[str]) -> list[str]:
     """Run ``policies`` through ``concur_langgraph.bench`` (ConcurGate + SimServer over ASGI +
-    VLLMMetricsSource + LangGraph ReAct agents, virtual time), with the proposed ``Sample``
-    fields emulated: until the patch in docs/laws.md is applied, this process patches
-    ``VLLMMetricsSource.sample`` to return a :class:`LabSample` carrying ``requests_finished``
-    (the engine's ``request_success`` counter, which ``/metrics`` exports, as a delta per
-    source) and the run's window statistics, and registers this lab's laws as policies.
-    Returns one line per run.
+    VLLMMetricsSource + LangGraph ReAct agents, virtual time), with this lab's laws (and their
+    ``name:key=value`` constants) registered as policies for the duration. Returns one
+    markdown row per run.
     """
     from types import MappingProxyType
 
-    from concur_langgraph import _signals
-    from concur_langgraph import _window as window_module
     from concur_langgraph.bench import _policies
     from concur_langgraph.bench._runner import SimBackend
     from concur_langgraph.bench._runner import run_one as bench_run_one
-    from concur_langgraph.sim import _server
-
-    latest: dict[Any, Any] = {}
-    server_init = _server.SimServer.__init__
-    window_init = window_module.LocalWindow.__init__
-    source_sample = _signals.VLLMMetricsSource.sample
-
-    def patched_server_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        server_init(self, *args, **kwargs)
-        latest["engine"], latest["window"] = self.engine, None
-
-    def patched_window_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        window_init(self, *args, **kwargs)
-        latest["window"] = self
-
-    async def patched_sample(self: Any, now: float) -> Sample:
-        base = await source_sample(self, now)
-        done = sum(latest["engine"].metrics().request_success.values())
-        key = ("done", id(self))  # the harness's sampler and the controller both scrape
-        finished, latest[key] = done - latest.get(key, 0), done
-        fields = {name: getattr(base, name) for name in base.__dataclass_fields__}
-        window = latest["window"]
-        if window is None:
-            return LabSample(**fields, requests_finished=finished)
-        stats = window.statistics()
-        return LabSample(
-            **fields,
-            requests_finished=finished,
-            agents_admitted=stats.holders,
-            agents_queued=stats.waiting_new + stats.waiting_parked,
-        )
 
     saved_laws = _policies.LAWS
-    _server.SimServer.__init__ = patched_server_init  # type: ignore[method-assign]
-    window_module.LocalWindow.__init__ = patched_window_init  # type: ignore[method-assign]
-    _signals.VLLMMetricsSource.sample = patched_sample  # type: ignore[method-assign]
-    _policies.LAWS = MappingProxyType({**saved_laws, **LAWS})  # type: ignore[misc]
+    extra = {p: (lambda p=p: make_law(p)) for p in policies if p.partition(":")[0] in LAWS}
+    _policies.LAWS = MappingProxyType({**saved_laws, **LAWS, **extra})  # type: ignore[misc]
     lines = []
     try:
         workload = get_workload(workload_name)
@@ -457,9 +409,6 @@ def harness_check(workload_name: str, preset: str, policies: list[str]) -> list[
                 f"{record['agents_ok']} | {record['agents_failed']} |"
             )
     finally:
-        _server.SimServer.__init__ = server_init  # type: ignore[method-assign]
-        window_module.LocalWindow.__init__ = window_init  # type: ignore[method-assign]
-        _signals.VLLMMetricsSource.sample = source_sample  # type: ignore[method-assign]
         _policies.LAWS = saved_laws  # type: ignore[misc]
     return lines
 
@@ -510,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--harness",
         action="store_true",
-        help="run through concur_langgraph.bench instead (proposed Sample fields emulated)",
+        help="run through concur_langgraph.bench instead (the full stack, fewer columns)",
     )
     ns = ap.parse_args(argv)
     if ns.harness:
