@@ -108,8 +108,12 @@ class Worker:
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
+            assert self.proc.stderr is not None
+            tail = (await self.proc.stderr.read()).decode(errors="replace")[-3000:]
+            done = self.count("done")
             raise AssertionError(
-                f"worker {self.name} did not finish within {timeout_s} s"
+                f"worker {self.name} did not finish within {timeout_s} s "
+                f"({done} agents done; last events {self.events[-3:]}); stderr tail:\n{tail}"
             ) from None
         assert self.proc.stderr is not None
         self.stderr = await self.proc.stderr.read()
