@@ -10,6 +10,23 @@ Stages (``--stages``, default all of them, in this order):
   runs per batch size, 16 and 256 output tokens; the difference is one step), written to
   ``--steps-out`` with the load average and added to ``--samples`` (tag ``batch-sweep``). Needs
   a server whose KV cache holds 32 x 320 tokens: ``--serve`` starts one with 64 MiB for it.
+* ``overhead``: the time a call spends outside the engine, measured. ``--overhead-concurrency``
+  workers (each level in turn, ``--overhead-rounds`` times) call the real server back to back
+  through ``ChatOpenAI`` exactly as the agents do (same tools bound, same ``max_tokens`` and
+  ``ignore_eos``, contexts growing over 6 steps as in ``real-24``, no tool pauses). Per call
+  the client's latency is split by httpx event hooks into client before the request (langchain
+  and openai SDK), HTTP exchange, and client after the response headers (body read, parsing);
+  the server's per-request histograms (``vllm:e2e_request_latency_seconds``, queue, prefill,
+  decode; their ``_sum`` and ``_count`` deltas) give the engine-side time of the same calls.
+  Mean overhead per call = (client latency sum - e2e sum) / calls; rows with the load average
+  go to ``--overhead-out``. vLLM stamps a request's arrival when it starts rendering the chat
+  template, so template and tokenization are inside e2e; HTTP, JSON, pydantic validation,
+  response building and the whole client are outside it.
+* ``decompose``: one real run per cell of ``--agents`` x ``--policy`` with every LLM call
+  timed on the client (LangChain callbacks) against the server's per-request histograms:
+  per call, client latency = e2e (engine) + time outside the engine; per step, the gap
+  between an agent's calls beyond its tool's pause (LangGraph, the gate, a late event loop).
+  Rows to ``--decompose-out``.
 * ``real``: the ``real-24`` workload (ReAct agents x 6 steps, 96 output tokens per step,
   tools 0.2-2 s) with each of ``--agents`` agents under each ``--policy``, ``--repeats``
   times, on the real server in real time; records appended to ``--runs`` (JSON lines; cells
@@ -19,7 +36,8 @@ Stages (``--stages``, default all of them, in this order):
   the other gave constants 2-3x apart).
 * ``fit``: one :class:`CostModel` fitted on every pooled measurement of ``--samples``, on the
   ``cpu-tiny`` preset (KV geometry, ``reuse_generated_blocks=False``), the decode knee chosen
-  among ``DECODE_KNEES``, written to ``--config``.
+  among ``DECODE_KNEES``, and (when ``--overhead-out`` exists) the time outside the engine
+  fitted on its rows (``overhead_fit``), written to ``--config``.
 * ``sim``: the same cells on the simulator configured by ``--config`` (virtual time: once,
   exact and repeatable).
 * ``report``: real medians (with min-max) against the simulator, the ratio sim/real per
@@ -37,6 +55,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -66,7 +85,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 METRICS = ("makespan_s", "preemptions", "prefix_hit_rate", "generated_tokens")
 TARGET = (0.75, 1.33)
-STAGES = ("calibrate", "steps", "real", "fit", "sim", "report")
+STAGES = ("calibrate", "steps", "overhead", "decompose", "real", "fit", "sim", "report")
 STEP_BATCHES = (1, 2, 4, 8, 12, 16, 20, 24, 28, 32)
 STEPS_KV_BYTES = 64 * 1024 * 1024
 DECODE_KNEES = (0, 4, 8, 12, 16, 24)
@@ -166,8 +185,12 @@ def step_summary(steps_path: Path) -> dict[str, Any]:
     return out
 
 
-def fit_stage(samples_path: Path, out: Path) -> dict[str, Any]:
-    """Fit one cost model on every pooled measurement; write the calibrated cpu-tiny config."""
+def fit_stage(samples_path: Path, out: Path, overhead_path: Path | None = None) -> dict[str, Any]:
+    """Fit one cost model on every pooled measurement; write the calibrated cpu-tiny config.
+
+    With ``overhead_path`` (the ``overhead`` stage's rows), the config's time outside the
+    engine is set from them (:func:`overhead_fit`); otherwise it is the preset's.
+    """
     names = {f.name for f in dataclasses.fields(CalibrationSample)}
     rows = _read(samples_path)
     samples = [CalibrationSample(**{k: v for k, v in r.items() if k in names}) for r in rows]
@@ -175,7 +198,16 @@ def fit_stage(samples_path: Path, out: Path) -> dict[str, Any]:
     cost = fit_cost_model(
         samples, kv_bytes_per_token=base.cost.kv_bytes_per_token, decode_knees=DECODE_KNEES
     )
-    data = config_to_json(calibrated_config(base, cost))
+    config = calibrated_config(base, cost)
+    if overhead_path is not None:
+        fitted = overhead_fit(overhead_path)
+        config = dataclasses.replace(
+            config,
+            request_overhead_s=fitted["request_overhead_s"],
+            request_overhead_per_request_s=fitted["request_overhead_per_request_s"],
+            request_overhead_after_share=fitted["request_overhead_after_share"],
+        )
+    data = config_to_json(config)
     out.write_text(json.dumps(data, indent=2, default=str) + "\n")
     loads = [r["load_avg_1m"] for r in rows]
     info = {
@@ -185,9 +217,357 @@ def fit_stage(samples_path: Path, out: Path) -> dict[str, Any]:
         },
         "load_avg_1m_range": [min(loads), max(loads)],
         "cost": dict(data["cost"]),
+        "request_overhead": {k: v for k, v in data.items() if k.startswith("request_overhead")},
     }
     print(f"fitted {out}: {json.dumps(info, default=str)}", file=sys.stderr)
     return info
+
+
+# -- overhead ---------------------------------------------------------------------------------
+
+OVERHEAD_LEVELS = (1, 2, 4, 8, 12, 16, 24)
+_REQUEST_HISTOGRAMS = {
+    "vllm:e2e_request_latency_seconds": "e2e",
+    "vllm:request_queue_time_seconds": "queue",
+    "vllm:request_prefill_time_seconds": "prefill",
+    "vllm:request_decode_time_seconds": "decode",
+    "vllm:time_to_first_token_seconds": "ttft",
+}
+
+
+def _request_histograms(text: str) -> dict[str, float]:
+    """``<short>_sum`` and ``<short>_count`` of the per-request histograms, over engines."""
+    out: dict[str, float] = {}
+    for short in _REQUEST_HISTOGRAMS.values():
+        out[f"{short}_sum"] = out[f"{short}_count"] = 0.0
+    for family in text_string_to_metric_families(text):
+        key = _REQUEST_HISTOGRAMS.get(family.name)
+        if key is None:
+            continue
+        for sample in family.samples:
+            if sample.name == f"{family.name}_sum":
+                out[f"{key}_sum"] += sample.value
+            elif sample.name == f"{family.name}_count":
+                out[f"{key}_count"] += sample.value
+    return out
+
+
+async def measure_overhead(
+    url: str, *, concurrency: int, calls_per_worker: int, seed: int = 0
+) -> dict[str, Any]:
+    """``concurrency`` workers x ``calls_per_worker`` calls; client sums against the server's.
+
+    Each worker is an agent of ``real-24`` without tool pauses: system prompt, a task, then per
+    step the model's reply (with the tool call the benchmark agent declares) and an
+    observation; after 6 steps it starts over with a new task. Calls go through the same
+    ``bind_tools`` + ``ainvoke`` as ``concur_langgraph.bench``'s LLM node.
+    """
+    import contextvars
+    import random
+
+    from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+
+    from concur_langgraph.bench._agents import agent_input, search, system_prompt, words
+
+    workload = _workload(concurrency)
+    plans = workload.plans()
+    system = system_prompt(workload)
+    marks: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+        "marks", default=None
+    )
+
+    # httpx runs the hooks in the calling task, so the context variable finds this call's marks.
+    async def on_request(request: httpx.Request) -> None:
+        mine = marks.get()
+        if mine is not None:  # not the /metrics scrapes
+            mine["sent"] = time.perf_counter()
+
+    async def on_response(response: httpx.Response) -> None:
+        mine = marks.get()
+        if mine is not None:
+            mine["headers"] = time.perf_counter()
+
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=None)
+    http = httpx.AsyncClient(
+        limits=limits,
+        timeout=600.0,
+        event_hooks={"request": [on_request], "response": [on_response]},
+    )
+    model = ChatOpenAI(
+        model="tiny",
+        base_url=f"{url.rstrip('/')}/v1",
+        api_key="EMPTY",  # type: ignore[arg-type]
+        timeout=600.0,
+        max_retries=0,
+        stream_usage=True,
+        http_async_client=http,
+    )
+    bound = model.bind_tools([search], tool_choice="none")
+    totals = dict.fromkeys(("client", "before", "http", "after"), 0.0)
+    prompt_tokens: list[int] = []
+
+    async def worker(index: int) -> None:
+        rng = random.Random(f"overhead:{seed}:{concurrency}:{index}")
+        plan = plans[index % len(plans)]
+        messages: list[BaseMessage] = []
+        for call in range(calls_per_worker):
+            step = call % 6
+            if step == 0:
+                messages = list(agent_input(workload, plan, system=system)["messages"])
+                plan = plans[(index + call + 1) % len(plans)]
+            n = 96
+            mine = {"start": time.perf_counter()}
+            marks.set(mine)
+            reply = await bound.ainvoke(
+                messages, max_tokens=n, extra_body={"ignore_eos": True, "min_tokens": n}
+            )
+            end = time.perf_counter()
+            totals["client"] += end - mine["start"]
+            totals["before"] += mine["sent"] - mine["start"]
+            totals["http"] += mine["headers"] - mine["sent"]
+            totals["after"] += end - mine["headers"]
+            usage = reply.usage_metadata if isinstance(reply, AIMessage) else None
+            prompt_tokens.append(int(usage["input_tokens"]) if usage else 0)
+            call_id = f"call-{index}-{call}"
+            messages.append(
+                AIMessage(
+                    content=reply.content,
+                    tool_calls=[{"name": "search", "args": {"query": call_id}, "id": call_id}],
+                )
+            )
+            messages.append(
+                ToolMessage(content=words(rng, rng.randint(80, 180)), tool_call_id=call_id)
+            )
+
+    try:
+        before = _request_histograms((await http.get(f"{url.rstrip('/')}/metrics")).text)
+        load0 = _load()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        wall = time.perf_counter() - t0
+        load1 = _load()
+        after = _request_histograms((await http.get(f"{url.rstrip('/')}/metrics")).text)
+    finally:
+        await http.aclose()
+    calls = concurrency * calls_per_worker
+    server = {k: after[k] - before[k] for k in after}
+    if server["e2e_count"] != calls:
+        raise RuntimeError(
+            f"the server finished {server['e2e_count']:.0f} requests during the measurement, "
+            f"expected {calls}: is something else using it?"
+        )
+    row: dict[str, Any] = {
+        "concurrency": concurrency,
+        "calls": calls,
+        "wall_s": wall,
+        "load_avg_1m": [load0, load1],
+        "mean_prompt_tokens": statistics.fmean(prompt_tokens),
+        **{f"client_{k}_sum_s": v for k, v in totals.items()},
+        **{f"server_{k}": v for k, v in server.items()},
+    }
+    row["mean_overhead_s"] = (totals["client"] - server["e2e_sum"]) / calls
+    row["mean_server_outside_e2e_s"] = (totals["http"] - server["e2e_sum"]) / calls
+    return row
+
+
+def overhead_stage(url: str, levels: Sequence[int], rounds: int, out_path: Path) -> None:
+    """Rounds of :func:`measure_overhead` at each concurrency level, appended to ``out_path``.
+
+    Levels run up then down in alternate rounds, so a drift in the machine's load does not
+    always land on the same level.
+    """
+    for r in range(rounds):
+        order = list(levels) if r % 2 == 0 else list(reversed(levels))
+        for c in order:
+            # One whole agent (6 steps) per worker, two at 1-2 workers: every level then sees
+            # the same contexts, and the first calls (all workers start together) are a sixth
+            # of the calls, not all of them. A level takes 2-20 s.
+            per_worker = 12 if c <= 2 else 6
+            row = asyncio.run(measure_overhead(url, concurrency=c, calls_per_worker=per_worker))
+            row["round"] = r
+            _append(out_path, row)
+            calls = row["calls"]
+            print(
+                f"  overhead c={c:>2} round {r}: {1e3 * row['mean_overhead_s']:6.0f} ms/call "
+                f"(client before {1e3 * row['client_before_sum_s'] / calls:.0f}, after "
+                f"{1e3 * row['client_after_sum_s'] / calls:.0f}, server outside e2e "
+                f"{1e3 * row['mean_server_outside_e2e_s']:.0f}; e2e "
+                f"{1e3 * row['server_e2e_sum'] / calls:.0f} ms), load "
+                f"{row['load_avg_1m'][0]:.1f}-{row['load_avg_1m'][1]:.1f}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def overhead_summary(path: Path) -> dict[str, Any]:
+    """Per concurrency level, pooled over rounds: mean time per call outside the engine."""
+    rows = _read(path)
+    out: dict[str, Any] = {}
+    for c in sorted({r["concurrency"] for r in rows}):
+        mine = [r for r in rows if r["concurrency"] == c]
+        calls = sum(r["calls"] for r in mine)
+
+        def per_call(key: str, mine: list[dict[str, Any]] = mine, calls: int = calls) -> float:
+            return float(sum(r[key] for r in mine)) / calls
+
+        out[str(c)] = {
+            "rounds": len(mine),
+            "calls": calls,
+            "overhead_s": per_call("client_client_sum_s") - per_call("server_e2e_sum"),
+            "overhead_s_per_round": [r["mean_overhead_s"] for r in mine],
+            "client_before_s": per_call("client_before_sum_s"),
+            "server_outside_e2e_s": per_call("client_http_sum_s") - per_call("server_e2e_sum"),
+            "client_after_s": per_call("client_after_sum_s"),
+            "client_latency_s": per_call("client_client_sum_s"),
+            "e2e_s": per_call("server_e2e_sum"),
+            "queue_s": per_call("server_queue_sum"),
+            "mean_prompt_tokens": statistics.fmean(r["mean_prompt_tokens"] for r in mine),
+            "load_avg_1m_range": [
+                min(r["load_avg_1m"][0] for r in mine),
+                max(r["load_avg_1m"][1] for r in mine),
+            ],
+        }
+    return out
+
+
+def overhead_fit(path: Path) -> dict[str, float]:
+    """``SimConfig.request_overhead_*`` from the overhead measurements of ``path``.
+
+    ``request_overhead_s`` is the mean overhead of the calls made alone (concurrency 1);
+    ``request_overhead_per_request_s`` the slope, through that point, of the mean overhead of
+    each measurement (one level, one round) against the other calls in flight
+    (``concurrency - 1``: the workers have no pauses), by least squares weighted by calls, so
+    the model's mean over all the calls measured is about the measured mean. A free intercept
+    is no good here: the overhead is not linear in the calls in flight (15-20 ms alone, ~0.1 s
+    with 2-8 calls, 0.1-0.6 s with 12-24, docs/simulator.md), and the free fit puts the
+    intercept at the mean and the slope at 0. The share after the engine is the client's time
+    after the response headers over all the time outside; the server's part outside ``e2e``
+    is counted before the engine (parsing and validating the request, waiting for the API
+    server's loop; building the answer is small next to it).
+    """
+    rows = _read(path)
+    alone = [r for r in rows if r["concurrency"] == 1]
+    if not alone or len(alone) == len(rows):
+        raise ValueError(f"{path}: needs measurements at concurrency 1 and above")
+    base = sum(r["client_client_sum_s"] - r["server_e2e_sum"] for r in alone) / sum(
+        r["calls"] for r in alone
+    )
+    base = max(0.0, base)
+    others = [r for r in rows if r["concurrency"] > 1]
+    sxy = sum(r["calls"] * (r["concurrency"] - 1) * (r["mean_overhead_s"] - base) for r in others)
+    sxx = sum(r["calls"] * (r["concurrency"] - 1) ** 2 for r in others)
+    outside = sum(r["client_client_sum_s"] - r["server_e2e_sum"] for r in rows)
+    after = sum(r["client_after_sum_s"] for r in rows)
+    return {
+        "request_overhead_s": base,
+        "request_overhead_per_request_s": max(0.0, sxy / sxx),
+        "request_overhead_after_share": min(1.0, max(0.0, after / outside)) if outside > 0 else 0,
+    }
+
+
+# -- decompose --------------------------------------------------------------------------------
+
+
+class _CallTimer:
+    """Times every chat-model call of a run (LangChain callbacks), keyed by the agent's task."""
+
+    def __init__(self) -> None:
+        self.calls: dict[Any, dict[str, Any]] = {}
+
+    def handler(self) -> Any:
+        from langchain_core.callbacks import AsyncCallbackHandler
+
+        calls = self.calls
+
+        class Handler(AsyncCallbackHandler):
+            async def on_chat_model_start(
+                self, serialized: Any, messages: Any, *, run_id: Any, **kwargs: Any
+            ) -> None:
+                # messages[0][1] is the agent's task: unique per agent of a workload.
+                calls[run_id] = {"agent": messages[0][1].content, "start": time.perf_counter()}
+
+            async def on_llm_end(self, response: Any, *, run_id: Any, **kwargs: Any) -> None:
+                if run_id in calls:
+                    calls[run_id]["end"] = time.perf_counter()
+
+        return Handler()
+
+
+_TIMER_HANDLER: Any = None
+
+
+def _timer_var() -> Any:
+    """A context variable whose handler LangChain adds to every run (registered once)."""
+    global _TIMER_HANDLER
+    if _TIMER_HANDLER is None:
+        import contextvars
+
+        from langchain_core.tracers.context import register_configure_hook
+
+        _TIMER_HANDLER = contextvars.ContextVar("fidelity_call_timer", default=None)
+        register_configure_hook(_TIMER_HANDLER, inheritable=True)
+    return _TIMER_HANDLER
+
+
+def decompose_stage(
+    url: str, agents: Sequence[int], policies: Sequence[str], out_path: Path
+) -> None:
+    """One real run per cell, with every LLM call timed on the client, against the server's
+    per-request histograms: where the agents' time goes. Per call: the client's latency
+    (``ChatOpenAI`` callbacks), the engine's (``e2e``, of which ``queue``), their difference
+    (the time outside the engine, as the ``overhead`` stage measures it, here at the run's
+    own concurrency); per step: the gap between one call's end and the agent's next call
+    minus the tool's planned pause (LangGraph, the gate, the event loop's lateness)."""
+    var = _timer_var()
+    backend = UrlBackend(url=url, model="tiny")
+    for n in agents:
+        for policy in policies:
+            timer = _CallTimer()
+            token = var.set(timer.handler())
+            try:
+                before = _request_histograms(httpx.get(f"{url}/metrics", timeout=30.0).text)
+                load0 = _load()
+                record = run_one(_workload(n), policy, backend, interval_s=1.0)
+                after = _request_histograms(httpx.get(f"{url}/metrics", timeout=30.0).text)
+            finally:
+                var.reset(token)
+            server = {k: after[k] - before[k] for k in after}
+            calls = [c for c in timer.calls.values() if "end" in c]
+            by_agent: dict[str, list[dict[str, Any]]] = {}
+            for call in sorted(calls, key=lambda c: c["start"]):
+                by_agent.setdefault(call["agent"], []).append(call)
+            gaps = [
+                b["start"] - a["end"] for cs in by_agent.values() for a, b in itertools.pairwise(cs)
+            ]
+            plans = _workload(n).plans()
+            tools = [t for p in plans for t in p.tool_latency_s[: p.steps - 1]]
+            latency = sum(c["end"] - c["start"] for c in calls)
+            row = {
+                "agents": n,
+                "policy": policy,
+                "makespan_s": record["makespan_s"],
+                "preemptions": record["preemptions"],
+                "calls": len(calls),
+                "server_calls": server["e2e_count"],
+                "mean_call_s": latency / len(calls),
+                "mean_e2e_s": server["e2e_sum"] / server["e2e_count"],
+                "mean_queue_s": server["queue_sum"] / server["e2e_count"],
+                "mean_overhead_s": (latency - server["e2e_sum"]) / len(calls),
+                "mean_gap_s": statistics.fmean(gaps),
+                "mean_tool_s": statistics.fmean(tools),
+                "mean_gap_minus_tool_s": statistics.fmean(gaps) - statistics.fmean(tools),
+                "load_avg_1m": [load0, _load()],
+            }
+            _append(out_path, row)
+            print(
+                f"  decompose {n:>3} agents {policy:<10}: {row['makespan_s']:.1f} s; per call "
+                f"{1e3 * row['mean_call_s']:.0f} ms = e2e {1e3 * row['mean_e2e_s']:.0f} + outside "
+                f"{1e3 * row['mean_overhead_s']:.0f}; between calls, beyond the tool "
+                f"{1e3 * row['mean_gap_minus_tool_s']:.0f} ms; load {load0:.1f}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 # -- runs -------------------------------------------------------------------------------------
@@ -448,6 +828,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="do not measure one calibration round before each real run",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "fidelity.json")
+    parser.add_argument("--overhead-concurrency", default=",".join(map(str, OVERHEAD_LEVELS)))
+    parser.add_argument("--overhead-rounds", type=int, default=2)
+    parser.add_argument("--decompose-out", type=Path, default=RESULTS / "fidelity-decompose.jsonl")
+    parser.add_argument("--overhead-out", type=Path, default=RESULTS / "fidelity-overhead.jsonl")
     parser.add_argument("--steps-rounds", type=int, default=4)
     parser.add_argument("--steps-out", type=Path, default=RESULTS / "fidelity-step-times.jsonl")
     args = parser.parse_args(argv)
@@ -458,11 +842,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     agents = [int(a) for a in args.agents.split(",")]
     policies = args.policy or ["none", "static:12", "static:4"]
     RESULTS.mkdir(exist_ok=True)
-    needs_server = {"calibrate", "steps", "real"} & set(stages)
+    needs_server = {"calibrate", "steps", "overhead", "decompose", "real"} & set(stages)
     server = None
     url = args.url
     if needs_server and url is None and not args.serve:
-        parser.error("calibrate, steps and real need --url URL or --serve")
+        parser.error("calibrate, steps, overhead, decompose and real need --url URL or --serve")
     if args.serve and "steps" in stages:
         from concur_langgraph.testing.vllm_cpu import VLLMServerConfig, start_server
 
@@ -472,7 +856,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             big.stop()
         stages.remove("steps")
-    if args.serve and {"calibrate", "real"} & set(stages):
+    if args.serve and {"calibrate", "overhead", "decompose", "real"} & set(stages):
         from concur_langgraph.testing.vllm_cpu import VLLMServerConfig, start_server
 
         server = start_server(VLLMServerConfig())
@@ -488,6 +872,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "steps" in stages:
             assert url is not None
             steps_stage(url, args.steps_rounds, args.steps_out, args.samples)
+        if "overhead" in stages:
+            assert url is not None
+            levels = [int(c) for c in args.overhead_concurrency.split(",")]
+            overhead_stage(url, levels, args.overhead_rounds, args.overhead_out)
+        if "decompose" in stages:
+            assert url is not None
+            decompose_stage(url, agents, policies, args.decompose_out)
         if "real" in stages:
             assert url is not None
             interleave = None if args.no_interleave else args.samples
@@ -496,13 +887,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server is not None:
             server.stop()
     if "fit" in stages:
-        extra["calibration"] = fit_stage(args.samples, args.config)
+        overhead = args.overhead_out if args.overhead_out.exists() else None
+        extra["calibration"] = fit_stage(args.samples, args.config, overhead)
     if "sim" in stages:
         sim_stage(args.config, agents, policies, args.runs)
     if "report" in stages:
         extra["config"] = json.loads(args.config.read_text())
         if args.steps_out.exists():
             extra["step_times"] = step_summary(args.steps_out)
+        if args.overhead_out.exists():
+            extra["overhead"] = overhead_summary(args.overhead_out)
+            extra["overhead_fit"] = overhead_fit(args.overhead_out)
+        if args.decompose_out.exists():
+            extra["decompose"] = _read(args.decompose_out)
         report_stage(args.runs, args.out, agents, policies, extra)
     return 0
 

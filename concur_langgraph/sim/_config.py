@@ -49,6 +49,21 @@ class SimConfig:
     deterministic exponential draw with this mean, never before ``min_tokens``."""
     seed: int = 0
     """Mixed into generated token ids and EOS draws; same seed, same outputs."""
+    request_overhead_s: float = 0.0
+    """Time a chat completion spends outside the engine (client SDK, HTTP, the API server's
+    request and response handling) when it is the only request in flight. The server holds
+    each completion that long in total, on the event loop's clock (the engine keeps stepping
+    meanwhile): ``1 - request_overhead_after_share`` of it before the request reaches the
+    engine, the rest after it finishes. 0 (the default) for GPU servers, where it is
+    milliseconds against steps of tens of milliseconds; measured for ``cpu-tiny``."""
+    request_overhead_per_request_s: float = 0.0
+    """Added to ``request_overhead_s`` for each other request in flight at the server when a
+    completion arrives (in the engine or in its own overhead): on a small CPU machine the
+    client and the API server share the cores with the engine, so every call's handling waits
+    for the others' (measured: the overhead grows about linearly with concurrent calls)."""
+    request_overhead_after_share: float = 0.0
+    """Part of a completion's overhead spent after the engine finished it (response building,
+    transfer, client-side parsing); the rest is spent before it reaches the engine."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name.strip():
@@ -96,6 +111,27 @@ class SimConfig:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"SimConfig.seed must be an integer, got {self.seed!r}")
+        for name in ("request_overhead_s", "request_overhead_per_request_s"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ConfigError(f"SimConfig.{name} must be a finite number >= 0, got {value!r}")
+        share = self.request_overhead_after_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise ConfigError(
+                f"SimConfig.request_overhead_after_share must be a number in [0, 1], got {share!r}"
+            )
+
+    def request_overhead(self, in_flight: int) -> tuple[float, float]:
+        """Seconds a completion spends outside the engine, before and after it, when
+        ``in_flight`` other requests are at the server as it arrives."""
+        total = self.request_overhead_s + self.request_overhead_per_request_s * in_flight
+        after = total * self.request_overhead_after_share
+        return total - after, after
 
     @property
     def kv_capacity_tokens(self) -> int:

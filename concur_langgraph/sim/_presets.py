@@ -113,6 +113,15 @@ CPU_TINY: Final = SimConfig(
     # k's prompt (measured, docs/simulator.md). Other presets model trained models.
     reuse_generated_blocks=False,
     vocab_size=2048,
+    # Time outside the engine, measured on the same server through ChatOpenAI as the agents
+    # call it (benchmarks/fidelity.py --stages overhead, 2026-11-25, load average 3.9-7.0):
+    # client latency minus the server's e2e_request_latency, 17 ms per call alone; the slope
+    # through that point over 2-24 concurrent calls (weighted by calls) adds 12.2 ms per
+    # other request in flight; 27% of it is spent after the engine (client-side parsing).
+    # The data are not linear (~0.1 s at 2-8 calls, 0.16-0.59 s at 12-24, docs/simulator.md).
+    request_overhead_s=0.0167,
+    request_overhead_per_request_s=0.0122,
+    request_overhead_after_share=0.27,
 )
 
 # ---- test-tiny ---------------------------------------------------------------------------

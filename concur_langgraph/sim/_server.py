@@ -22,6 +22,10 @@ pydantic wording with type ``"Bad Request"``; unknown routes get ``{"detail": "N
 A request whose client goes away (HTTP disconnect) or whose handler is cancelled is aborted in
 the engine, so a dead client never keeps KV blocks.
 
+Each chat completion is held outside the engine for the time ``SimConfig.request_overhead``
+gives (client SDK, HTTP and API-server handling of a real call; 0 unless the config sets it):
+a sleep on the loop's clock before the request reaches the engine and after it finishes.
+
 :class:`SimServer` bundles a config, an engine and the app, and hands out clients wired to it
 in-process (``httpx.ASGITransport``: no sockets, so it also runs under virtual time).
 """
@@ -281,6 +285,8 @@ class _App:
         self.created_s = time.time()
         # Sequential ids keep the simulator deterministic (vLLM's are random hex).
         self._ids = itertools.count()
+        # Completions now held outside the engine (SimConfig.request_overhead_*).
+        self._outside = 0
 
     def next_id(self) -> str:
         # Unique per app; an engine serves one app (SimServer, `concur sim serve`).
@@ -343,6 +349,8 @@ class _App:
         except _RequestError as exc:
             return exc.response()
         request_id = self.next_id()
+        before_s, after_s = self.request_overhead()
+        await self.outside_engine(before_s)
         sim_request = self.engine.add_request(
             prepared.prompt,
             max_tokens=prepared.max_tokens,
@@ -351,11 +359,31 @@ class _App:
             request_id=request_id,
         )
         if prepared.chat.stream:
-            return _SSEResponse(self, prepared, sim_request, request_id)
-        return await self._complete(request, sim_request, request_id)
+            return _SSEResponse(self, prepared, sim_request, request_id, after_s)
+        return await self._complete(request, sim_request, request_id, after_s)
+
+    # -- time outside the engine (SimConfig.request_overhead_*) ------------------------------
+    def request_overhead(self) -> tuple[float, float]:
+        """Seconds this completion spends outside the engine, before and after it."""
+        if not (self.config.request_overhead_s or self.config.request_overhead_per_request_s):
+            return 0.0, 0.0
+        metrics = self.engine.metrics()
+        in_flight = metrics.num_requests_running + metrics.num_requests_waiting + self._outside
+        return self.config.request_overhead(in_flight)
+
+    async def outside_engine(self, seconds: float) -> None:
+        """Hold a completion outside the engine: a sleep on the loop's clock, so the engine
+        keeps stepping (and virtual time jumps) meanwhile; it counts as in flight."""
+        if seconds <= 0:
+            return
+        self._outside += 1
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self._outside -= 1
 
     async def _complete(
-        self, request: Request, sim_request: SimRequest, request_id: str
+        self, request: Request, sim_request: SimRequest, request_id: str, after_s: float
     ) -> Response:
         watcher = asyncio.ensure_future(_abort_on_disconnect(request.receive, self, request_id))
         finished = False
@@ -366,6 +394,7 @@ class _App:
             watcher.cancel()
             if not finished:
                 self.abort(request_id)
+        await self.outside_engine(after_s)
         ids = list(output.output_token_ids)
         body = {
             "id": request_id,
@@ -550,7 +579,12 @@ class _SSEResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, app: _App, prepared: _Prepared, sim_request: SimRequest, request_id: str
+        self,
+        app: _App,
+        prepared: _Prepared,
+        sim_request: SimRequest,
+        request_id: str,
+        after_s: float = 0.0,
     ) -> None:
         # Not Response.__init__: it would set a body and with it "content-length: 0".
         self.status_code = 200
@@ -560,6 +594,7 @@ class _SSEResponse(Response):
         self._prepared = prepared
         self._sim_request = sim_request
         self._request_id = request_id
+        self._after_s = after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         app, request_id = self._app, self._request_id
@@ -653,6 +688,8 @@ class _SSEResponse(Response):
                     chunk["system_fingerprint"] = SYSTEM_FINGERPRINT
                 yield _sse(chunk)
         output = await self._sim_request.result()
+        # The overhead after the engine delays the end of the stream (usage, [DONE]).
+        await app.outside_engine(self._after_s)
         if not finish_sent:
             choice = {
                 "index": 0,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -535,11 +536,36 @@ def test_fast_forward_gives_the_single_step_timeline() -> None:
         ({"model_name": " "}, "model_name"),
         ({"eos_mean_tokens": 0.0}, "eos_mean_tokens"),
         ({"vocab_size": 10}, "vocab_size"),
+        ({"request_overhead_s": -0.1}, "request_overhead_s"),
+        ({"request_overhead_s": math.nan}, "request_overhead_s"),
+        ({"request_overhead_s": math.inf}, "request_overhead_s"),
+        ({"request_overhead_per_request_s": -1e-3}, "request_overhead_per_request_s"),
+        ({"request_overhead_per_request_s": "0.1"}, "request_overhead_per_request_s"),
+        ({"request_overhead_after_share": 1.5}, "request_overhead_after_share"),
+        ({"request_overhead_after_share": -0.1}, "request_overhead_after_share"),
+        ({"request_overhead_after_share": True}, "request_overhead_after_share"),
     ],
 )
 def test_bad_config_is_refused_naming_the_field(changes: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         config(**changes)
+
+
+def test_request_overhead_grows_with_requests_in_flight_and_splits_around_the_engine() -> None:
+    cfg = config(
+        request_overhead_s=0.1,
+        request_overhead_per_request_s=0.02,
+        request_overhead_after_share=0.25,
+    )
+    before, after = cfg.request_overhead(0)
+    assert (before, after) == pytest.approx((0.075, 0.025))
+    before, after = cfg.request_overhead(10)
+    assert before + after == pytest.approx(0.3)
+    assert after == pytest.approx(0.075)
+    # The default costs nothing, whatever the load: GPU presets and test configs are unchanged.
+    assert config().request_overhead(50) == (0.0, 0.0)
+    for preset in ("h100-qwen3-32b-tp2", "test-tiny"):
+        assert get_preset(preset).request_overhead(50) == (0.0, 0.0)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ max_model_len as the ``cpu-tiny`` preset).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -561,3 +562,80 @@ def test_lax_integers_are_accepted_and_n_above_one_is_refused() -> None:
     assert lax.status_code == 200 and lax.json()["usage"]["completion_tokens"] == 3
     assert many.status_code == 400
     assert many.json()["error"]["param"] == "n"
+
+
+# -- time outside the engine (SimConfig.request_overhead_*) ---------------------------------
+def _with_overhead(**fields: Any) -> Any:
+    return dataclasses.replace(get_preset("test-tiny"), **fields)
+
+
+def _timed_post(client: httpx.AsyncClient, body: dict[str, Any]) -> asyncio.Task[float]:
+    """A task posting ``body``; its result is the completion's latency on the loop clock."""
+    loop = asyncio.get_running_loop()
+
+    async def go() -> float:
+        start = loop.time()
+        response = await client.post("/v1/chat/completions", json=body)
+        response.raise_for_status()
+        return loop.time() - start
+
+    return asyncio.create_task(go())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_overhead_holds_a_completion_before_and_after_the_engine(stream: bool) -> None:
+    body = _chat_body("hello world", model="test-tiny", max_tokens=100, ignore_eos=True)
+    if stream:
+        body.update(stream=True, stream_options={"include_usage": True})
+
+    async def latency(config: Any) -> tuple[float, list[tuple[int, int]]]:
+        seen: list[tuple[int, int]] = []
+        async with SimServer(config) as server, server.http_client() as client:
+            task = _timed_post(client, body)
+            for t in (0.39, 0.02):  # virtual: just before and just after 0.4 s
+                await asyncio.sleep(t)
+                m = server.engine.metrics()
+                seen.append((m.num_requests_running + m.num_requests_waiting, m.num_steps))
+            return await task, seen
+
+    plain, _ = vtime.run(latency(get_preset("test-tiny")))
+    held, seen = vtime.run(
+        latency(_with_overhead(request_overhead_s=0.5, request_overhead_after_share=0.2))
+    )
+    # 0.4 s before the engine: it has seen nothing at 0.39 s and runs the request at 0.41 s.
+    assert seen[0] == (0, 0)
+    assert seen[1][0] == 1 and seen[1][1] > 0
+    # The engine's time is unchanged; the completion takes 0.5 s longer in all.
+    assert plain < 0.4
+    assert held == pytest.approx(plain + 0.5, abs=1e-9)
+
+
+def test_request_overhead_counts_requests_in_flight_and_the_engine_keeps_stepping() -> None:
+    config = _with_overhead(request_overhead_s=0.1, request_overhead_per_request_s=0.2)
+    long = _chat_body("first", model="test-tiny", max_tokens=400, ignore_eos=True)
+    short = _chat_body("second", model="test-tiny", max_tokens=100, ignore_eos=True)
+
+    async def go() -> list[tuple[int, int]]:
+        seen: list[tuple[int, int]] = []
+        async with SimServer(config) as server, server.http_client() as client:
+
+            def look() -> None:
+                m = server.engine.metrics()
+                seen.append((m.num_requests_running + m.num_requests_waiting, m.generation_tokens))
+
+            first = _timed_post(client, long)  # alone: held 0.1 s, in the engine from 0.1 s
+            await asyncio.sleep(0.05)
+            # One in flight (held): 0.1 + 0.2 s, so in the engine from 0.35 s for ~0.1 s.
+            second = _timed_post(client, short)
+            for t in (0.1, 0.19, 0.02):  # at 0.15, 0.34 and 0.36 s
+                await asyncio.sleep(t)
+                look()
+            await asyncio.gather(first, second)
+        return seen
+
+    seen = vtime.run(go())
+    (at_015, at_034, at_036) = seen
+    assert at_015[0] == 1 and at_034[0] == 1
+    # The first request decoded while the second was held outside the engine.
+    assert at_034[1] > at_015[1] > 0
+    assert at_036[0] == 2
