@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -16,57 +12,21 @@ import pytest
 from concur_langgraph._errors import MetricsError, MetricsUnavailableError
 from concur_langgraph._signals import VLLMMetricsSource
 from concur_langgraph.cli import main
+from concur_langgraph.testing.sim_process import served_simulator
 
 CHAT = {"model": "test-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
 def served() -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """``concur sim serve`` with faults, in a subprocess on a free loopback port."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "concur_langgraph.cli", "sim", "serve"),
-            *("--preset", "test-tiny", "--host", "127.0.0.1", "--port", str(port)),
-            *("--log-level", "critical"),
-            *("--fault", "metrics=down", "--fault", "chat=error", "--fault", "chat_status=429"),
-            *("--fault", "chat_retry_after_s=1.5", "--fault", "chat_next=1"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        # Bounded wait for start-up (imports dominate; the machine may be busy).
-        for _ in range(400):
-            if proc.poll() is not None:
-                out = proc.stdout.read() if proc.stdout else ""
-                pytest.fail(f"server exited with {proc.returncode}: {out}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
-        else:
-            pytest.fail("server did not answer /health")
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+    with served_simulator(
+        *("--preset", "test-tiny"),
+        *("--fault", "metrics=down", "--fault", "chat=error", "--fault", "chat_status=429"),
+        *("--fault", "chat_retry_after_s=1.5", "--fault", "chat_next=1"),
+        log_level="critical",
+    ) as sim:
+        yield sim.url, sim.proc
 
 
 def test_served_faults_over_a_socket_and_changed_while_running(

