@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import importlib
 import importlib.util
@@ -396,6 +397,29 @@ def _open_saver(path: str) -> contextlib.AbstractAsyncContextManager[BaseCheckpo
     return AsyncSqliteSaver.from_conn_string(path)
 
 
+@contextlib.contextmanager
+def _exclusive(checkpoint: str, out: str) -> Iterator[None]:
+    """Hold the batch for this process: one ``concur run`` per checkpoint file at a time.
+
+    Two runs of one batch would both resume the same agents and both append their results.
+    ``flock`` on the checkpoint file (which the batch creates anyway) is released by the OS
+    when the process ends however it ends, so a SIGKILLed run leaves no stale lock; SQLite's
+    own locks are POSIX record locks, which ``flock`` does not touch.
+    """
+    fd = os.open(checkpoint, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"--out: another concur run is working on this batch ({out}; it holds "
+                f"{checkpoint}); let it finish or stop it (Ctrl-C), then run with --resume"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Plan:
     """What one invocation has to do."""
@@ -438,10 +462,25 @@ class BatchRun:
         """Run the batch; the exit status."""
         options = self.options
         graph = await resolve_graph(options.graph_spec)
-        plan = self._prepare(graph)
+        tasks = self._load(graph)
+        plan = self._plan(tasks)
         if not plan.todo:
             print(f"all {len(plan.tasks.tasks)} tasks already have a result in {options.out}")
             return EXIT_FAILED if "error" in plan.recorded else EXIT_OK
+        with _exclusive(options.checkpoint_path, options.out):
+            # Read the results again under the lock: a run that held the batch until now may
+            # have written more of them.
+            locked = self._plan(tasks)
+            plan = _Plan(
+                tasks=tasks,
+                todo=locked.todo,
+                recorded=locked.recorded,
+                had_checkpoint=plan.had_checkpoint,
+            )
+            return await self._run_locked(graph, plan)
+
+    async def _run_locked(self, graph: Any, plan: _Plan) -> int:
+        options = self.options
         async with _open_saver(options.checkpoint_path) as saver:
             if not options.resume and plan.had_checkpoint:
                 await self._refuse_old_threads(saver, plan.todo)
@@ -454,8 +493,8 @@ class BatchRun:
             makespan = time.monotonic() - started
         return self._summary(plan, makespan)
 
-    def _prepare(self, graph: Any) -> _Plan:
-        """Every check that needs no checkpointer, before anything is written."""
+    def _load(self, graph: Any) -> TaskFile:
+        """The tasks file, checked against the graph's input (bad lines reported)."""
         options = self.options
         check, why_not = input_check(graph)
         if check is None:
@@ -463,6 +502,11 @@ class BatchRun:
         tasks = load_tasks(options.tasks, check=check, keep_going=options.skip_bad)
         for bad in tasks.bad:
             _err(f"skipping {bad.describe(options.tasks)}")
+        return tasks
+
+    def _plan(self, tasks: TaskFile) -> _Plan:
+        """Every check that needs no checkpointer, before anything is written."""
+        options = self.options
         for flag, path in (("--out", options.out), ("--checkpoint", options.checkpoint_path)):
             # Found now rather than at the first result, after minutes of work.
             folder = Path(path).resolve().parent

@@ -171,3 +171,28 @@ def test_a_bad_metrics_port_names_the_option(
     assert code == 2
     assert "metrics_port" in err
     assert not out.exists()
+
+
+def test_a_batch_another_run_is_working_on_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fcntl
+    import os
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"n": 1}\n{"n": 2}\n', encoding="utf-8")
+    out = tmp_path / "r.jsonl"
+    args = [GRAPH, str(tasks), "--law", "static:1", "--out", str(out), "--no-progress"]
+    # What a running `concur run` of this batch holds: a flock on its checkpoint file.
+    fd = os.open(f"{out}.checkpoints.sqlite", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = _run(capsys, *args)
+        assert code == 2
+        assert "another concur run is working on this batch" in err
+        assert not out.exists()
+    finally:
+        os.close(fd)  # the holder ends: the batch is free again
+    code, _, _ = _run(capsys, *args, "--resume")
+    assert code == 0
+    assert sorted(_records(out)) == [1, 2]
