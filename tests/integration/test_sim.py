@@ -6,53 +6,20 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from langchain_core.messages import HumanMessage
-from langgraph.graph import END, START, MessagesState, StateGraph
-
 from concur_langgraph import vtime
 from concur_langgraph._laws import FixedLaw
 from concur_langgraph._wrapper import ConcurGate
 from concur_langgraph.sim import SimServer
+from concur_langgraph.testing.agent_loop import loop_tasks, observation_loop
 
 STEPS = 3
-
-
-class LoopState(MessagesState):
-    steps: int
-
-
-def sim_agent_graph(model: Any, *, tool_s: float = 0.5) -> Any:
-    """agent -> tool -> agent ... : STEPS tool calls (timed observations), then END."""
-
-    async def agent(state: LoopState) -> dict[str, Any]:
-        return {"messages": [await model.ainvoke(state["messages"])]}
-
-    async def tool(state: LoopState) -> dict[str, Any]:
-        await asyncio.sleep(tool_s)
-        step = state.get("steps", 0) + 1
-        return {"messages": [HumanMessage(f"observation {step}")], "steps": step}
-
-    def route(state: LoopState) -> str:
-        return "tool" if state.get("steps", 0) < STEPS else END
-
-    builder = StateGraph(LoopState)
-    builder.add_node("agent", agent)
-    builder.add_node("tool", tool)
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", route, {"tool": "tool", END: END})
-    builder.add_edge("tool", "agent")
-    return builder.compile()
-
-
-def _tasks(count: int) -> list[dict[str, Any]]:
-    return [{"messages": [HumanMessage(f"task {i} " + "context " * 20)]} for i in range(count)]
 
 
 def test_fixed_window_seen_from_the_simulator() -> None:
     async def main() -> tuple[list[Any], int, Any]:
         async with SimServer("test-tiny") as server:
             model = server.chat_model(max_tokens=8)
-            gate = ConcurGate(sim_agent_graph(model), law=FixedLaw(3))
+            gate = ConcurGate(observation_loop(model, steps=STEPS), law=FixedLaw(3))
             seen = 0
             done = asyncio.Event()
 
@@ -65,7 +32,7 @@ def test_fixed_window_seen_from_the_simulator() -> None:
 
             watcher = asyncio.create_task(watch())
             try:
-                results = await gate.abatch(_tasks(8))
+                results = await gate.abatch(loop_tasks(8))
             finally:
                 done.set()
                 await watcher
@@ -83,13 +50,13 @@ def test_concur_law_driven_by_the_simulators_metrics() -> None:
         async with SimServer("test-tiny") as server, server.http_client() as client:
             model = server.chat_model(max_tokens=8)
             gate = ConcurGate(
-                sim_agent_graph(model, tool_s=2.0),
+                observation_loop(model, steps=STEPS, tool_s=2.0),
                 vllm_url=server.root_url,
                 http_client=client,
                 interval_s=0.5,
                 initial_window=1,
             )
-            results = await gate.abatch(_tasks(6))
+            results = await gate.abatch(loop_tasks(6))
             return results, gate.statistics()
 
     results, stats = vtime.run(main())

@@ -10,12 +10,9 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
-from langchain_core.messages import HumanMessage
-from langgraph.graph import END, START, MessagesState, StateGraph
 from prometheus_client.parser import text_string_to_metric_families
 
 from concur_langgraph._adaptive import OPEN
@@ -31,6 +28,7 @@ from concur_langgraph._session import ConcurSession, SessionOptions
 from concur_langgraph._signals import Sample
 from concur_langgraph._wrapper import ConcurGate
 from concur_langgraph.sim import SimServer
+from concur_langgraph.testing.agent_loop import loop_tasks, observation_loop
 from concur_langgraph.testing.vtime_fixtures import virtual_time
 
 AGENTS = 8
@@ -59,43 +57,12 @@ async def scrape(url: str) -> Scrape:
     return parse(response.text)
 
 
-class LoopState(MessagesState):
-    steps: int
-
-
-def agent_graph(model: Any) -> Any:
-    """agent -> tool -> agent ...: STEPS tool calls of 2 s, then END."""
-
-    async def agent(state: LoopState) -> dict[str, Any]:
-        return {"messages": [await model.ainvoke(state["messages"])]}
-
-    async def tool(state: LoopState) -> dict[str, Any]:
-        await asyncio.sleep(2.0)
-        step = state.get("steps", 0) + 1
-        return {"messages": [HumanMessage(f"observation {step}")], "steps": step}
-
-    def route(state: LoopState) -> str:
-        return "tool" if state.get("steps", 0) < STEPS else END
-
-    builder = StateGraph(LoopState)
-    builder.add_node("agent", agent)
-    builder.add_node("tool", tool)
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", route, {"tool": "tool", END: END})
-    builder.add_edge("tool", "agent")
-    return builder.compile()
-
-
-def tasks(count: int) -> list[dict[str, Any]]:
-    return [{"messages": [HumanMessage(f"task {i} " + "context " * 20)]} for i in range(count)]
-
-
 @virtual_time
 async def test_scrapes_follow_a_batch_on_the_simulator() -> None:
     scrapes: list[Scrape] = []
     async with SimServer("test-tiny") as server, server.http_client() as client:
         gate = ConcurGate(
-            agent_graph(server.chat_model(max_tokens=8)),
+            observation_loop(server.chat_model(max_tokens=8), steps=STEPS, tool_s=2.0),
             vllm_url=server.root_url,
             http_client=client,
             law=ConcurLaw(),
@@ -107,7 +74,7 @@ async def test_scrapes_follow_a_batch_on_the_simulator() -> None:
             session = gate.session
             assert session is not None and session.metrics_url is not None
             url = session.metrics_url
-            batch = asyncio.create_task(gate.abatch(tasks(AGENTS)))
+            batch = asyncio.create_task(gate.abatch(loop_tasks(AGENTS)))
             while not batch.done():
                 scrapes.append(await scrape(url))
                 await asyncio.wait([batch], timeout=1.0)

@@ -10,42 +10,14 @@ import argparse
 import asyncio
 import json
 import sys
-from typing import Any
 
 from langchain_core.messages import HumanMessage
 from langchain_openai import ChatOpenAI
-from langgraph.graph import END, START, MessagesState, StateGraph
 
 from concur_langgraph._laws import FixedLaw
 from concur_langgraph._redis_window import RedisWindow
 from concur_langgraph._wrapper import ConcurGate
-
-
-class LoopState(MessagesState):
-    steps: int
-
-
-def agent_graph(model: Any, *, steps: int, tool_s: float) -> Any:
-    """agent -> tool -> agent ...: ``steps`` timed observations, then END."""
-
-    async def agent(state: LoopState) -> dict[str, Any]:
-        return {"messages": [await model.ainvoke(state["messages"])]}
-
-    async def tool(state: LoopState) -> dict[str, Any]:
-        await asyncio.sleep(tool_s)
-        step = state.get("steps", 0) + 1
-        return {"messages": [HumanMessage(f"observation {step}")], "steps": step}
-
-    def route(state: LoopState) -> str:
-        return "tool" if state.get("steps", 0) < steps else END
-
-    builder = StateGraph(LoopState)
-    builder.add_node("agent", agent)
-    builder.add_node("tool", tool)
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", route, {"tool": "tool", END: END})
-    builder.add_edge("tool", "agent")
-    return builder.compile()
+from concur_langgraph.testing.agent_loop import observation_loop
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -58,7 +30,7 @@ async def main(args: argparse.Namespace) -> None:
         timeout=120,
         extra_body={"ignore_eos": True},
     )
-    graph = agent_graph(model, steps=args.steps, tool_s=args.tool_s)
+    graph = observation_loop(model, steps=args.steps, tool_s=args.tool_s)
     # The default lease (10 s): four client stacks on a loaded 2-core box can stall a loop for
     # seconds, and a lapsed lease costs a re-queue.
     async with RedisWindow(args.url, batch_id=args.batch, initial_limit=args.window) as window:
