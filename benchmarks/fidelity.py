@@ -69,7 +69,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from concur_langgraph.bench._runner import SimBackend, UrlBackend, run_one
+from concur_langgraph.bench._runner import REAL_KEEPALIVE_S, SimBackend, UrlBackend, run_one
 from concur_langgraph.bench._workload import Workload, load_workload
 from concur_langgraph.sim._calibrate import (
     CalibrationSample,
@@ -288,7 +288,11 @@ async def measure_overhead(
         if mine is not None:
             mine["headers"] = time.perf_counter()
 
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=None)
+    limits = httpx.Limits(
+        max_connections=concurrency + 4,
+        max_keepalive_connections=None,
+        keepalive_expiry=REAL_KEEPALIVE_S,
+    )
     http = httpx.AsyncClient(
         limits=limits,
         timeout=600.0,

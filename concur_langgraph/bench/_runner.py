@@ -65,6 +65,12 @@ paper, which does not state one)."""
 SIM_TIMEOUT_S = 3600.0
 REAL_TIMEOUT_S = 1800.0
 REAL_RETRIES = 2
+REAL_KEEPALIVE_S = 2.0
+"""How long an idle connection to a real vLLM is reused. vLLM's API server closes idle
+connections after 5 s (``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``), which is also httpx's default
+``keepalive_expiry``: a request sent on a connection the server is closing at that instant
+fails with a connection error. Agents waiting for admission leave connections idle for
+seconds, so this happens; 2 s keeps the client well clear of the server's close."""
 
 RECORD_KEYS = (
     "workload",
@@ -295,7 +301,11 @@ async def _run_async(
             await client.aclose()
             await gate_client.aclose()
             raise
-        limits = httpx.Limits(max_connections=workload.agents + 16, max_keepalive_connections=None)
+        limits = httpx.Limits(
+            max_connections=workload.agents + 16,
+            max_keepalive_connections=None,
+            keepalive_expiry=REAL_KEEPALIVE_S,
+        )
         model_client = httpx.AsyncClient(limits=limits, timeout=REAL_TIMEOUT_S)
         model = ChatOpenAI(
             model=name,

@@ -50,6 +50,7 @@ from concur_langgraph import (
     SessionStatistics,
     gate_node,
 )
+from concur_langgraph.bench._runner import REAL_KEEPALIVE_S
 from concur_langgraph.testing.vllm_cpu import RunningServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,7 +122,11 @@ async def _chat_model(
             watch.inflight -= 1
 
     client = httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=256, max_keepalive_connections=None),
+        # Idle connections retire before vLLM's 5 s keep-alive closes them (REAL_KEEPALIVE_S):
+        # with max_retries=0 a request racing that close was a failed agent.
+        limits=httpx.Limits(
+            max_connections=256, max_keepalive_connections=None, keepalive_expiry=REAL_KEEPALIVE_S
+        ),
         timeout=600.0,
         event_hooks={"request": [on_request], "response": [on_response]},
     )
