@@ -28,6 +28,12 @@ with ``+plain`` appended (samples without ``requests_finished``: a server that d
 with ``starts_open = True`` start with the window at the agent count, the others at
 ``--initial-window`` (4, the session default). Virtual time is exact: the same command gives
 the same numbers on any machine (as long as the simulator's code does not change).
+Lab-only variants of the default law: ``admit-proj`` (:class:`ProjectedAdmit`).
+
+The table's ``in engine`` column is the mean share of admitted agents with a call in the
+engine (running or waiting there) rather than in a tool call. ``--lifetime`` prints, without
+running anything, each workload's first-prompt, lifetime-mean and final context against the
+KV capacity: the window a budget would pick if it knew the agents' whole lives in advance.
 """
 
 from __future__ import annotations
@@ -41,11 +47,12 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from concur_langgraph import vtime
 from concur_langgraph._adaptive import (
+    OPEN,
     AdmitLaw,
     ClimbLaw,
     DescentLaw,
@@ -108,6 +115,66 @@ def get_workload(name: str) -> Workload:
 
 # ---- policies -------------------------------------------------------------------------------
 
+
+@dataclass(slots=True, kw_only=True)
+class ProjectedAdmit:
+    """Lab-only variants of :class:`AdmitLaw`'s free-phase trigger (docs/laws.md, third
+    session), for the experiments that did not become the default:
+
+    * ``lookahead_s > 0``: the undo cost is judged where the contexts will be
+      ``lookahead_s`` from now (the footprint's linear trend over ``span_s``; a shrink lands
+      only at step boundaries, seconds later), and the law then restricts to that projected
+      budget at once, without a trial;
+    * ``idle_weight < 1``: the over-subscription counts an admitted agent that has no call in
+      the engine (in a tool call, between calls) as ``idle_weight`` of one, so a batch whose
+      agents mostly wait on tools (swe-long: 0.2-0.35 of them in the engine, demo: 0.85-0.95)
+      is judged on the contexts it actually keeps busy;
+    * ``trial = False``: the inner trigger restricts without a goodput trial too.
+    """
+
+    lookahead_s: float = 20.0
+    span_s: float = 10.0
+    undo_cost_s: float = 10.0
+    idle_weight: float = 1.0
+    trial: bool = True
+    starts_open: bool = True
+    inner: AdmitLaw = field(init=False)
+    _t: float = field(default=0.0, init=False)
+    _trend: list[tuple[float, float]] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        # A trial needs measure_s of free running first; 1e12 s never comes.
+        measure_s = AdmitLaw().measure_s if self.trial else 1e12
+        self.inner = AdmitLaw(undo_cost_s=self.undo_cost_s, measure_s=measure_s)
+
+    def next_window(self, window: int, sample: Sample) -> int:
+        law = self.inner
+        self._t += sample.interval_s or 0.0
+        admitted = sample.agents_admitted
+        if law.phase == "free" and admitted is not None and self.idle_weight < 1:
+            busy = min(admitted, sample.running + sample.waiting)
+            admitted = round(busy + self.idle_weight * (admitted - busy))
+            sample = replace(sample, agents_admitted=admitted)
+        proposed = law.next_window(window, sample)
+        footprint = law._budget.last_footprint  # lab instrument: AdmitLaw's own state
+        cap = sample.kv_capacity_tokens
+        if law.phase != "free" or proposed < OPEN or footprint is None or not cap:
+            return proposed
+        self._trend.append((self._t, footprint))
+        while self._trend and self._t - self._trend[0][0] > self.span_s:
+            self._trend.pop(0)
+        (t0, f0), (t1, f1) = self._trend[0], self._trend[-1]
+        growth = max(0.0, (f1 - f0) / (t1 - t0)) if t1 > t0 else 0.0
+        future = footprint + growth * self.lookahead_s
+        budget = max(1, math.floor(law.fill * cap / future))
+        if admitted is None or law.prefill_rate <= 0 or admitted <= budget:
+            return proposed
+        if (admitted - budget) * future / law.prefill_rate <= law.undo_cost_s:
+            return proposed
+        law._enter("restricted")  # lab instrument: AdmitLaw's own state
+        return budget
+
+
 LAWS: Mapping[str, Callable[[], ControlLaw]] = {
     "concur": ConcurLaw,
     "working-set": WorkingSetLaw,
@@ -119,6 +186,7 @@ LAWS: Mapping[str, Callable[[], ControlLaw]] = {
     "probe": ProbeLaw,
     "admit": AdmitLaw,
     "ws-slow": lambda: WorkingSetLaw(starts_open=False, ramp=1.5),
+    "admit-proj": ProjectedAdmit,
 }
 """Adaptive law name -> factory (fresh object per run)."""
 
@@ -216,6 +284,9 @@ class RunResult:
     preemptions: int
     window_mean: float
     window_peak: int
+    in_engine: float | None
+    """Mean over ticks of the admitted agents' share with a call in the engine (None: no
+    gate)."""
     wall_s: float
     series: list[tuple[float, int, float, float | None, int, int]] = field(default_factory=list)
     """(t, window, kv_usage, hit_rate, preemptions, holders) per tick."""
@@ -317,16 +388,23 @@ async def _batch(
                         )
                     )
                 windows.append(window.limit)
+                holders = window.statistics().holders
+                if s is not None and holders > 0:
+                    shares.append(min(1.0, (s.running + s.waiting) / holders))
 
         windows: list[int] = []
+        # Per tick: the share of admitted agents with a call in the engine (running or
+        # waiting there) rather than in a tool call or between calls.
+        shares: list[float] = []
         async with controller:
             rec = asyncio.create_task(recorder())
             await asyncio.gather(*(agent(i) for i in range(n)))
             end = loop.time()
             done.set()
             rec.cancel()
+        share = sum(shares) / len(shares) if shares else None
         series.append(
-            (-1.0, max(windows or [window.limit]), sum(windows) / max(1, len(windows)), None, 0, 0)
+            (-1.0, max(windows or [window.limit]), sum(windows) / max(1, len(windows)), share, 0, 0)
         )
     makespan = end - t0
     metrics = engine.metrics()
@@ -357,9 +435,10 @@ def run_one(
     )
     wall = time.perf_counter() - wall
     w_peak, w_mean = workload.agents, float(workload.agents)
+    in_engine: float | None = None
     if series and series[-1][0] == -1.0:
         summary = series.pop()
-        w_peak, w_mean = int(summary[1]), float(summary[2])
+        w_peak, w_mean, in_engine = int(summary[1]), float(summary[2]), summary[3]
     return RunResult(
         workload=workload_name,
         preset=preset,
@@ -372,6 +451,7 @@ def run_one(
         preemptions=m.num_preemptions,
         window_mean=round(w_mean, 1),
         window_peak=w_peak,
+        in_engine=None if in_engine is None else round(in_engine, 3),
         wall_s=round(wall, 1),
         series=series,
     )
@@ -416,6 +496,30 @@ def harness_check(workload_name: str, preset: str, policies: list[str]) -> list[
 # ---- report ---------------------------------------------------------------------------------
 
 
+def lifetime_line(workload_name: str, preset: str) -> str:
+    """One markdown row: the agents' first prompt, lifetime-mean and final context (tokens, as
+    the engine sees them: whole history per call) and the KV capacity over the lifetime mean:
+    the window a budget would pick if it knew the agents' whole lives in advance."""
+    workload = get_workload(workload_name)
+    capacity = get_preset(preset).kv_capacity_tokens
+    first, mean, final = [], [], []
+    for plan in workload.plans():
+        context = workload.system_prompt_tokens + plan.task_prompt_tokens
+        first.append(context)
+        calls = []
+        for step, out_n in enumerate(plan.output_tokens):
+            calls.append(context + out_n)
+            context += out_n + (plan.observation_tokens[step] if step + 1 < plan.steps else 0)
+        mean.append(sum(calls) / len(calls))
+        final.append(calls[-1])
+    n = workload.agents
+    life = sum(mean) / n
+    return (
+        f"| {workload_name} | {preset} | {n} | {sum(first) / n:.0f} | {life:.0f} | "
+        f"{sum(final) / n:.0f} | {capacity / life:.1f} | {n * life / capacity:.1f} |"
+    )
+
+
 def table(results: list[RunResult]) -> str:
     """Markdown: one row per run, ratios against none, the best static and the lower bound."""
     out: list[str] = []
@@ -433,16 +537,17 @@ def table(results: list[RunResult]) -> str:
         )
         out.append(
             "| policy | makespan s | / none | / best static | / bound | hit rate | "
-            "preemptions | prompt computed | window mean/peak |"
+            "preemptions | prompt computed | window mean/peak | in engine |"
         )
-        out.append("|---|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             vs_best = r.makespan_s / best.makespan_s if best else math.nan
             out.append(
                 f"| {r.policy} | {r.makespan_s:.1f} | {r.makespan_s / none:.3f} | "
                 f"{vs_best:.3f} | {r.makespan_s / r.lower_bound_s:.2f} | {r.prefix_hit_rate:.3f} "
                 f"| {r.preemptions} | {r.prompt_tokens_computed} | "
-                f"{r.window_mean:g}/{r.window_peak} |"
+                f"{r.window_mean:g}/{r.window_peak} | "
+                f"{'-' if r.in_engine is None else f'{r.in_engine:.2f}'} |"
             )
     return "\n".join(out)
 
@@ -451,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--preset", action="append", required=True)
     ap.add_argument("--workload", action="append", required=True)
-    ap.add_argument("--policy", action="append", required=True)
+    ap.add_argument("--policy", action="append", default=[])
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--initial-window", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=2)
@@ -461,7 +566,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run through concur_langgraph.bench instead (the full stack, fewer columns)",
     )
+    ap.add_argument(
+        "--lifetime",
+        action="store_true",
+        help="print each workload's lifetime footprint against the KV capacity, run nothing",
+    )
     ns = ap.parse_args(argv)
+    if ns.lifetime:
+        print(
+            "| workload | preset | agents | first prompt | lifetime-mean context | "
+            "final context | capacity / lifetime mean | agents x lifetime mean / capacity |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for preset in ns.preset:
+            for wl in ns.workload:
+                print(lifetime_line(wl, preset))
+        return 0
+    if not ns.policy:
+        ap.error("--policy is required (at least one), unless --lifetime")
     if ns.harness:
         print("| workload | preset | policy | makespan s | agents ok | agents failed |")
         print("|---|---|---|---|---|---|")
