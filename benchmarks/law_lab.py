@@ -28,12 +28,16 @@ with ``+plain`` appended (samples without ``requests_finished``: a server that d
 with ``starts_open = True`` start with the window at the agent count, the others at
 ``--initial-window`` (4, the session default). Virtual time is exact: the same command gives
 the same numbers on any machine (as long as the simulator's code does not change).
-Lab-only variants of the default law: ``admit-proj`` (:class:`ProjectedAdmit`).
+Lab-only variants of the default law: ``admit-proj`` (:class:`ProjectedAdmit`) and
+``admit-warm`` (:class:`WarmAdmit`, a start from a previous batch's measurements).
 
-The table's ``in engine`` column is the mean share of admitted agents with a call in the
-engine (running or waiting there) rather than in a tool call. ``--lifetime`` prints, without
-running anything, each workload's first-prompt, lifetime-mean and final context against the
-KV capacity: the window a budget would pick if it knew the agents' whole lives in advance.
+Besides makespans, the table has ``in engine`` (the mean share of admitted agents with a call
+in the engine, running or waiting there, rather than in a tool call), ``context per call``
+(``(prompt + generated tokens) / requests`` over the run) and ``prefill rate`` (the law's
+measured rate at the end): the last two are what ``admit-warm`` takes from a previous run.
+``--lifetime`` prints, without running anything, each workload's first-prompt, lifetime-mean
+and final context against the KV capacity: the window a budget would pick if it knew the
+agents' whole lives in advance.
 """
 
 from __future__ import annotations
@@ -175,6 +179,54 @@ class ProjectedAdmit:
         return budget
 
 
+@dataclass(slots=True, kw_only=True)
+class WarmAdmit:
+    """Lab-only: :class:`AdmitLaw` started from what a previous batch of the same workload
+    measured: its mean context per call (``footprint``, tokens: policy-independent, from
+    vLLM's counters) and its prefill rate (``rate``, tokens/s: ``AdmitLaw.prefill_rate``).
+
+    It applies ``AdmitLaw``'s own free-phase rule at t = 0 to the whole lives of the agents:
+    the budget is ``B = fill * capacity / footprint``, and if admitting the ``N - B`` agents
+    beyond it would cost more than ``undo_cost_s`` of prefill to undo (``(N - B) * footprint
+    / rate``), the batch starts at ``B`` and the free phase never opens past it; else it starts
+    open, exactly as ``AdmitLaw``. The restricted phase is ``AdmitLaw``'s. No new constant.
+    The lab sets ``capacity_tokens`` and ``agents`` before the run (the session would know
+    both: vLLM's ``cache_config_info`` and the batch size). Without a profile (``footprint``
+    0, the default) it is ``AdmitLaw``.
+    """
+
+    footprint: float = 0.0
+    rate: float = 0.0
+    capacity_tokens: int | None = None
+    agents: int = 0
+    starts_open: bool = True
+    inner: AdmitLaw = field(default_factory=AdmitLaw)
+
+    @property
+    def cap(self) -> int | None:
+        """The start window, or None for an open start."""
+        law = self.inner
+        if not self.capacity_tokens or self.footprint <= 0 or self.rate <= 0:
+            return None
+        budget = max(1, math.floor(law.fill * self.capacity_tokens / self.footprint))
+        if (self.agents - budget) * self.footprint / self.rate <= law.undo_cost_s:
+            return None
+        return budget
+
+    @property
+    def lab_initial_window(self) -> int | None:
+        return self.cap
+
+    @property
+    def prefill_rate(self) -> float:
+        return self.inner.prefill_rate
+
+    def next_window(self, window: int, sample: Sample) -> int:
+        proposed = self.inner.next_window(window, sample)
+        cap = self.cap
+        return proposed if cap is None or self.inner.phase != "free" else min(proposed, cap)
+
+
 LAWS: Mapping[str, Callable[[], ControlLaw]] = {
     "concur": ConcurLaw,
     "working-set": WorkingSetLaw,
@@ -187,6 +239,7 @@ LAWS: Mapping[str, Callable[[], ControlLaw]] = {
     "admit": AdmitLaw,
     "ws-slow": lambda: WorkingSetLaw(starts_open=False, ramp=1.5),
     "admit-proj": ProjectedAdmit,
+    "admit-warm": WarmAdmit,
 }
 """Adaptive law name -> factory (fresh object per run)."""
 
@@ -285,6 +338,11 @@ class RunResult:
     window_mean: float
     window_peak: int
     in_engine: float | None
+    prefill_rate: int | None
+    """The law's measured prefill rate at the end, tokens/s (laws that have one)."""
+    footprint: float
+    """Mean context per call over the run, ``(prompt + generated tokens) / requests``: what a
+    batch can record from vLLM's counters for the next batch of the same agent."""
     """Mean over ticks of the admitted agents' share with a call in the engine (None: no
     gate)."""
     wall_s: float
@@ -296,6 +354,18 @@ def _ids(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(16, vocab) for _ in range(n)]
 
 
+@dataclass
+class _Batch:
+    makespan_s: float
+    metrics: EngineMetrics
+    series: list[tuple[float, int, float, float | None, int, int]]
+    window_peak: int | None = None
+    window_mean: float | None = None
+    in_engine: float | None = None
+    prefill_rate: float | None = None
+    """The law's ``prefill_rate`` at the end (laws that have one), tokens/s."""
+
+
 async def _batch(
     workload: Workload,
     config: SimConfig,
@@ -304,7 +374,7 @@ async def _batch(
     interval_s: float,
     initial_window: int | None,
     keep_series: bool,
-) -> tuple[float, EngineMetrics, list[tuple[float, int, float, float | None, int, int]]]:
+) -> _Batch:
     loop = asyncio.get_running_loop()
     engine = SimEngine(config)
     vocab = config.vocab_size
@@ -328,6 +398,9 @@ async def _batch(
             start = law.k
         if getattr(law, "starts_open", False):
             start = n
+        if isinstance(law, WarmAdmit):
+            law.capacity_tokens, law.agents = config.kv_capacity_tokens, n
+        start = getattr(law, "lab_initial_window", None) or start
         window = LocalWindow(min(max(1, start), n))
         gate = Gate(window)
 
@@ -353,6 +426,10 @@ async def _batch(
                 await gate.release(name)
 
     series: list[tuple[float, int, float, float | None, int, int]] = []
+    windows: list[int] = []
+    # Per tick: the share of admitted agents with a call in the engine (running or waiting
+    # there) rather than in a tool call or between calls.
+    shares: list[float] = []
     t0 = loop.time()
     if law is None or window is None:
         await asyncio.gather(*(agent(i) for i in range(n)))
@@ -392,24 +469,21 @@ async def _batch(
                 if s is not None and holders > 0:
                     shares.append(min(1.0, (s.running + s.waiting) / holders))
 
-        windows: list[int] = []
-        # Per tick: the share of admitted agents with a call in the engine (running or
-        # waiting there) rather than in a tool call or between calls.
-        shares: list[float] = []
         async with controller:
             rec = asyncio.create_task(recorder())
             await asyncio.gather(*(agent(i) for i in range(n)))
             end = loop.time()
             done.set()
             rec.cancel()
-        share = sum(shares) / len(shares) if shares else None
-        series.append(
-            (-1.0, max(windows or [window.limit]), sum(windows) / max(1, len(windows)), share, 0, 0)
-        )
-    makespan = end - t0
-    metrics = engine.metrics()
+    out = _Batch(end - t0, engine.metrics(), series)
+    if law is not None and window is not None:
+        out.window_peak = max(windows or [window.limit])
+        out.window_mean = sum(windows) / max(1, len(windows))
+        out.in_engine = sum(shares) / len(shares) if shares else None
+        rate = getattr(law, "prefill_rate", None)
+        out.prefill_rate = rate if isinstance(rate, float | int) else None
     await engine.aclose()
-    return makespan, metrics, series
+    return out
 
 
 def run_one(
@@ -423,7 +497,7 @@ def run_one(
     workload = get_workload(workload_name)
     config = get_preset(preset)
     wall = time.perf_counter()
-    makespan, m, series = vtime.run(
+    batch = vtime.run(
         _batch(
             workload,
             config,
@@ -434,26 +508,28 @@ def run_one(
         )
     )
     wall = time.perf_counter() - wall
-    w_peak, w_mean = workload.agents, float(workload.agents)
-    in_engine: float | None = None
-    if series and series[-1][0] == -1.0:
-        summary = series.pop()
-        w_peak, w_mean, in_engine = int(summary[1]), float(summary[2]), summary[3]
+    m = batch.metrics
     return RunResult(
         workload=workload_name,
         preset=preset,
         policy=policy,
-        makespan_s=round(makespan, 3),
+        makespan_s=round(batch.makespan_s, 3),
         lower_bound_s=round(lower_bound(workload, config).bound_s, 3),
         generated_tokens=m.generation_tokens,
         prompt_tokens_computed=m.prompt_tokens_computed,
         prefix_hit_rate=round(m.prefix_cache_hits / max(1, m.prefix_cache_queries), 3),
         preemptions=m.num_preemptions,
-        window_mean=round(w_mean, 1),
-        window_peak=w_peak,
-        in_engine=None if in_engine is None else round(in_engine, 3),
+        window_mean=round(
+            float(workload.agents) if batch.window_mean is None else batch.window_mean, 1
+        ),
+        window_peak=workload.agents if batch.window_peak is None else batch.window_peak,
+        in_engine=None if batch.in_engine is None else round(batch.in_engine, 3),
+        prefill_rate=None if batch.prefill_rate is None else round(batch.prefill_rate),
+        footprint=round(
+            (m.prompt_tokens + m.generation_tokens) / max(1, sum(m.request_success.values())), 1
+        ),
         wall_s=round(wall, 1),
-        series=series,
+        series=batch.series,
     )
 
 
@@ -537,9 +613,10 @@ def table(results: list[RunResult]) -> str:
         )
         out.append(
             "| policy | makespan s | / none | / best static | / bound | hit rate | "
-            "preemptions | prompt computed | window mean/peak | in engine |"
+            "preemptions | prompt computed | window mean/peak | in engine | context per call | "
+            "prefill rate |"
         )
-        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             vs_best = r.makespan_s / best.makespan_s if best else math.nan
             out.append(
@@ -547,7 +624,8 @@ def table(results: list[RunResult]) -> str:
                 f"{vs_best:.3f} | {r.makespan_s / r.lower_bound_s:.2f} | {r.prefix_hit_rate:.3f} "
                 f"| {r.preemptions} | {r.prompt_tokens_computed} | "
                 f"{r.window_mean:g}/{r.window_peak} | "
-                f"{'-' if r.in_engine is None else f'{r.in_engine:.2f}'} |"
+                f"{'-' if r.in_engine is None else f'{r.in_engine:.2f}'} | {r.footprint:.0f} | "
+                f"{'-' if r.prefill_rate is None else r.prefill_rate} |"
             )
     return "\n".join(out)
 
