@@ -197,10 +197,16 @@ class WarmAdmit:
 
     footprint: float = 0.0
     rate: float = 0.0
-    capacity_tokens: int | None = None
-    agents: int = 0
-    starts_open: bool = True
+    capacity_tokens: float | None = None
+    agents: float = 0
     inner: AdmitLaw = field(default_factory=AdmitLaw)
+
+    @property
+    def starts_open(self) -> bool:
+        """Open start unless the profile says to start at the budget (through the harness,
+        whose session knows no ``lab_initial_window``, that start is the session's initial
+        window, 4, for one tick, then the budget)."""
+        return self.cap is None
 
     @property
     def cap(self) -> int | None:
