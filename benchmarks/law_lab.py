@@ -29,7 +29,7 @@ with ``starts_open = True`` start with the window at the agent count, the others
 ``--initial-window`` (4, the session default). Virtual time is exact: the same command gives
 the same numbers on any machine (as long as the simulator's code does not change).
 Lab-only variants of the default law: ``admit-proj`` (:class:`ProjectedAdmit`) and
-``admit-warm`` (:class:`WarmAdmit`, a start from a previous batch's measurements).
+``admit-warm`` (:class:`WarmAdmit`: ``AdmitLaw(warm=...)`` from a previous run's numbers).
 
 Besides makespans, the table has ``in engine`` (the mean share of admitted agents with a call
 in the engine, running or waiting there, rather than in a tool call), ``context per call``
@@ -69,6 +69,7 @@ from concur_langgraph._adaptive import (
 from concur_langgraph._controller import Controller
 from concur_langgraph._gate import Gate
 from concur_langgraph._laws import ConcurLaw, ControlLaw, FixedLaw
+from concur_langgraph._profile import BatchProfile
 from concur_langgraph._signals import Sample
 from concur_langgraph._window import LocalWindow
 from concur_langgraph.bench._bound import lower_bound
@@ -181,56 +182,47 @@ class ProjectedAdmit:
 
 @dataclass(slots=True, kw_only=True)
 class WarmAdmit:
-    """Lab-only: :class:`AdmitLaw` started from what a previous batch of the same workload
-    measured: its mean context per call (``footprint``, tokens: policy-independent, from
-    vLLM's counters) and its prefill rate (``rate``, tokens/s: ``AdmitLaw.prefill_rate``).
-
-    It applies ``AdmitLaw``'s own free-phase rule at t = 0 to the whole lives of the agents:
-    the budget is ``B = fill * capacity / footprint``, and if admitting the ``N - B`` agents
-    beyond it would cost more than ``undo_cost_s`` of prefill to undo (``(N - B) * footprint
-    / rate``), the batch starts at ``B`` and the free phase never opens past it; else it starts
-    open, exactly as ``AdmitLaw``. The restricted phase is ``AdmitLaw``'s. No new constant.
-    The lab sets ``capacity_tokens`` and ``agents`` before the run (the session would know
-    both: vLLM's ``cache_config_info`` and the batch size). Without a profile (``footprint``
-    0, the default) it is ``AdmitLaw``.
+    """``AdmitLaw(warm=...)`` from numbers on the command line: ``footprint`` (a previous
+    run's ``context per call``) and ``rate`` (its ``prefill rate``). The profile's capacity
+    and agent count are the run's own: the lab binds them from the preset and the workload;
+    through ``--harness`` give ``capacity_tokens`` and ``agents`` too. Without a footprint
+    it is ``AdmitLaw``.
     """
 
     footprint: float = 0.0
     rate: float = 0.0
-    capacity_tokens: float | None = None
-    agents: float = 0
+    capacity_tokens: float = 0.0
+    agents: float = 0.0
     inner: AdmitLaw = field(default_factory=AdmitLaw)
+
+    def __post_init__(self) -> None:
+        if self.capacity_tokens and self.agents:
+            self.bind(int(self.capacity_tokens), int(self.agents))
+
+    def bind(self, capacity_tokens: int, agents: int) -> None:
+        if self.footprint > 0 and self.rate > 0:
+            profile = BatchProfile(
+                context_per_call=self.footprint,
+                prefill_rate=self.rate,
+                kv_capacity_tokens=capacity_tokens,
+                agents=agents,
+            )
+            self.inner = AdmitLaw(warm=profile)
 
     @property
     def starts_open(self) -> bool:
-        """Open start unless the profile says to start at the budget (through the harness,
-        whose session knows no ``lab_initial_window``, that start is the session's initial
-        window, 4, for one tick, then the budget)."""
-        return self.cap is None
+        return self.inner.start_window is None
 
     @property
-    def cap(self) -> int | None:
-        """The start window, or None for an open start."""
-        law = self.inner
-        if not self.capacity_tokens or self.footprint <= 0 or self.rate <= 0:
-            return None
-        budget = max(1, math.floor(law.fill * self.capacity_tokens / self.footprint))
-        if (self.agents - budget) * self.footprint / self.rate <= law.undo_cost_s:
-            return None
-        return budget
-
-    @property
-    def lab_initial_window(self) -> int | None:
-        return self.cap
+    def start_window(self) -> int | None:
+        return self.inner.start_window
 
     @property
     def prefill_rate(self) -> float:
         return self.inner.prefill_rate
 
     def next_window(self, window: int, sample: Sample) -> int:
-        proposed = self.inner.next_window(window, sample)
-        cap = self.cap
-        return proposed if cap is None or self.inner.phase != "free" else min(proposed, cap)
+        return self.inner.next_window(window, sample)
 
 
 LAWS: Mapping[str, Callable[[], ControlLaw]] = {
@@ -405,8 +397,8 @@ async def _batch(
         if getattr(law, "starts_open", False):
             start = n
         if isinstance(law, WarmAdmit):
-            law.capacity_tokens, law.agents = config.kv_capacity_tokens, n
-        start = getattr(law, "lab_initial_window", None) or start
+            law.bind(config.kv_capacity_tokens, n)
+        start = getattr(law, "start_window", None) or start
         window = LocalWindow(min(max(1, start), n))
         gate = Gate(window)
 

@@ -35,6 +35,7 @@ from ._gate import Gate, GateStatistics
 from ._laws import ConcurLaw, ControlLaw, FixedLaw
 from ._middleware import ConcurMiddleware
 from ._node import gate_node
+from ._profile import BatchProfile
 from ._session import ConcurSession, SessionOptions, SessionStatistics
 from ._signals import Sample, SignalSource, VLLMMetricsSource
 from ._window import AdmissionWindow, LocalWindow, Permit, WindowStatistics
@@ -50,6 +51,7 @@ __all__ = [
     "AdmissionWindow",
     "AdmitLaw",
     "AgentDrainedError",
+    "BatchProfile",
     "ConcurCallbackHandler",
     "ConcurError",
     "ConcurGate",

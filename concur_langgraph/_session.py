@@ -234,12 +234,20 @@ class SessionOptions:
     @property
     def start_window(self) -> int:
         """The window before the first controller tick: ``k`` for a FixedLaw, else
-        ``initial_window``, else open for a law that starts open, else 4; clamped to
+        ``initial_window``, else the law's own ``start_window`` if it has one (``AdmitLaw``
+        with a ``warm`` profile), else open for a law that starts open, else 4; clamped to
         ``[min_window, max_window]``."""
+        proposed = getattr(self.law, "start_window", None) if self.law is not None else None
+        law_start = (
+            proposed if isinstance(proposed, int) and not isinstance(proposed, bool) else None
+        )
         if isinstance(self.law, FixedLaw):
             start = self.law.k
         elif self.initial_window is not None:
             start = self.initial_window
+        elif law_start is not None and law_start >= 1:
+            # A law that knows better than "open" (AdmitLaw with a warm profile).
+            start = law_start
         elif getattr(self.law if self.law is not None else DEFAULT_LAW, "starts_open", False):
             start = self.max_window if self.max_window is not None else OPEN
         else:

@@ -332,16 +332,23 @@ async def _run_async(
             graph, vllm_url=root, http_client=gate_client, interval_s=interval_s, progress=False
         )
     elif policy.law is not None:
-        # A law that wants the batch to start with every agent admitted says so (starts_open);
-        # the others start at the paper's W0. A window above the agent count means nothing.
-        opened = bool(getattr(law, "starts_open", False))
+        # A law that knows its start window says so (start_window: AdmitLaw with a warm
+        # profile); one that wants every agent admitted says starts_open; the others start at
+        # the paper's W0. A window above the agent count means nothing.
+        proposed = getattr(law, "start_window", None)
+        if isinstance(proposed, int) and not isinstance(proposed, bool) and proposed >= 1:
+            start = min(proposed, workload.agents)
+        elif getattr(law, "starts_open", False):
+            start = workload.agents
+        else:
+            start = min(INITIAL_WINDOW, workload.agents)
         gate = ConcurGate(
             graph,
             vllm_url=root,
             http_client=gate_client,
             law=law,
             interval_s=interval_s,
-            initial_window=workload.agents if opened else min(INITIAL_WINDOW, workload.agents),
+            initial_window=start,
             max_window=workload.agents,
             progress=False,
         )

@@ -21,6 +21,7 @@ from concur_langgraph._adaptive import (
 )
 from concur_langgraph._errors import ConfigError
 from concur_langgraph._laws import ControlLaw
+from concur_langgraph._profile import BatchProfile
 from concur_langgraph._signals import Sample
 
 
@@ -482,3 +483,67 @@ def test_admit_law_undo_cost_is_excess_times_context_over_rate() -> None:
 def test_admit_law_rejects_bad_constants(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=field):
         AdmitLaw(**{field: value})  # type: ignore[arg-type]
+
+
+# -- AdmitLaw: profile and warm start -------------------------------------------------------------
+
+
+def profile(**change: Any) -> BatchProfile:
+    # ext()'s steady state: 110 tokens per call, 1000 tokens/s of prefill, a 1000-token cache:
+    # a budget of floor(0.9 * 1000 / 110) = 8 agents, 0.11 s of prefill to undo each beyond it.
+    values: dict[str, Any] = {
+        "context_per_call": 110.0,
+        "prefill_rate": 1000.0,
+        "kv_capacity_tokens": 1000,
+        "agents": 30,
+    }
+    return BatchProfile(**(values | change))
+
+
+def test_admit_law_measures_the_profile_of_its_batch() -> None:
+    law = admit_law()
+    assert law.profile() is None  # nothing measured yet
+    drive(law, [ext(admitted=15, queued=3)] * 3)
+    assert law.profile() == profile(agents=18)
+
+
+def test_admit_law_has_no_profile_without_requests_finished() -> None:
+    law = admit_law()
+    drive(law, [sample()] * 3)
+    assert law.profile() is None
+
+
+def test_a_warm_profile_starts_the_batch_at_its_budget_and_keeps_it() -> None:
+    # 22 agents beyond the budget of 8 cost 22 * 0.11 = 2.42 s to undo: more than the 1 s bound.
+    law = AdmitLaw(undo_cost_s=1.0, warm=profile())
+    assert law.start_window == 8
+    assert drive(law, [ext(admitted=8, queued=22)] * 3, window=8) == [8, 8, 8]
+    assert law.phase == "free" and law.start_window == 8
+
+
+def test_a_warm_profile_of_a_batch_cheap_to_undo_starts_open() -> None:
+    # 12 agents: 4 beyond the budget cost 0.44 s to undo, within the bound.
+    law = AdmitLaw(undo_cost_s=1.0, warm=profile(agents=12))
+    assert law.start_window is None
+    assert drive(law, [ext(admitted=12)] * 2) == [OPEN, OPEN]
+
+
+def test_the_warm_start_counts_the_agents_of_this_batch() -> None:
+    # The profile's batch was small, this one is not: the law caps once it sees 30 agents,
+    # while without a profile the 12 admitted are cheap to undo and the queue walks in.
+    law, plain = AdmitLaw(undo_cost_s=1.0, warm=profile(agents=12)), AdmitLaw(undo_cost_s=1.0)
+    arriving = [ext(admitted=12), ext(admitted=12, queued=18)]
+    assert drive(law, arriving, window=OPEN) == [OPEN, 8]
+    assert drive(plain, arriving, window=OPEN) == [OPEN, OPEN]
+
+
+def test_a_profile_from_another_kv_capacity_is_not_used() -> None:
+    law = AdmitLaw(undo_cost_s=1.0, warm=profile(kv_capacity_tokens=2000))
+    assert law.start_window == 16  # judged with the profile's own capacity before a sample
+    assert law.next_window(16, ext(admitted=16, queued=14)) == OPEN
+    assert law.warm is None and law.start_window is None
+
+
+def test_warm_must_be_a_profile() -> None:
+    with pytest.raises(ConfigError, match="warm: expected a BatchProfile or None"):
+        AdmitLaw(warm={"context_per_call": 110})  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ from concur_langgraph._adaptive import OPEN, AdmitLaw
 from concur_langgraph._controller import Controller
 from concur_langgraph._errors import ConcurError, ConfigError, NotVLLMError
 from concur_langgraph._laws import ConcurLaw, FixedLaw
+from concur_langgraph._profile import BatchProfile
 from concur_langgraph._progress import BatchProgress
 from concur_langgraph._session import ConcurSession, SessionOptions
 from concur_langgraph._signals import Sample
@@ -239,6 +240,9 @@ def test_progress_is_off_when_the_console_is_not_a_terminal() -> None:
     assert BatchProgress(session, total=1, enabled=True, console=console).enabled
 
 
+WARM = BatchProfile(context_per_call=7800, prefill_rate=23101, kv_capacity_tokens=317904, agents=96)
+
+
 @pytest.mark.parametrize(
     ("options", "start"),
     [
@@ -246,6 +250,9 @@ def test_progress_is_off_when_the_console_is_not_a_terminal() -> None:
         ({"law": AdmitLaw()}, OPEN),  # a law that starts open admits every agent
         ({"law": AdmitLaw(), "max_window": 50}, 50),
         ({"law": AdmitLaw(), "initial_window": 7}, 7),  # an explicit choice wins
+        ({"law": AdmitLaw(warm=WARM)}, 36),  # a warm profile's budget: 0.9 * 317904 / 7800
+        ({"law": AdmitLaw(warm=WARM), "initial_window": 7}, 7),
+        ({"law": AdmitLaw(warm=WARM), "max_window": 20}, 20),
         ({"law": FixedLaw(3), "initial_window": 7}, 3),
     ],
 )
