@@ -48,8 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from ._adaptive import AdmitLaw
 from ._errors import AgentDrainedError, ConcurError, ConfigError
 from ._laws import ConcurLaw, ControlLaw, FixedLaw
+from ._profile import BatchProfile
 from ._results import ResultsWriter, read_results, result_record
 from ._tasks import Task, TaskFile, input_check, load_tasks
 
@@ -126,6 +128,9 @@ class RunOptions:
     """Show the live progress line (when stdout is a terminal); ``--no-progress`` clears it."""
     metrics_port: int | None = None
     """Serve the batch's own metrics on 127.0.0.1:PORT (``--metrics-port``; 0 picks one)."""
+    profile: str | None = None
+    """Warm start (``--profile``): start from the profile at this path, if any, and save this
+    batch's profile there at the end."""
 
     def __post_init__(self) -> None:
         if ":" not in self.graph_spec.strip(":"):
@@ -141,6 +146,17 @@ class RunOptions:
             )
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"--url: expected an http(s) URL, got {self.url!r}")
+        if self.profile is not None:
+            if law is not None:
+                raise ConfigError(
+                    f"--profile: a warm start is the default law's (admit), not {self.law!r}"
+                )
+            if self.redis is not None:
+                raise ConfigError(
+                    "--profile: not with --redis (a worker joining a shared window keeps its "
+                    "stored size)"
+                )
+            BatchProfile.load(self.profile)  # a bad file fails here, naming itself
         if self.redis is not None and self.batch_id is None:
             raise ConfigError(
                 "--batch-id: required with --redis (every worker of the batch names the same "
@@ -183,6 +199,7 @@ class RunOptions:
             checkpoint=args.checkpoint,
             progress=not args.no_progress,
             metrics_port=args.metrics_port,
+            profile=args.profile,
         )
 
 
@@ -195,6 +212,8 @@ def resume_command(options: RunOptions) -> str:
         argv += ["--law", options.law]
     if options.checkpoint is not None:
         argv += ["--checkpoint", options.checkpoint]
+    if options.profile is not None:
+        argv += ["--profile", options.profile]
     if options.redis is not None:
         argv += ["--redis", options.redis]
     if options.batch_id is not None:
@@ -442,6 +461,7 @@ class BatchRun:
         self.counts = _Counts()
         self._signal: signal.Signals | None = None
         self._gate: ConcurGate | None = None
+        self._law: AdmitLaw | None = None
         self._consumer: asyncio.Task[None] | None = None
         self._pending = 0
         self._writer: ResultsWriter | None = None
@@ -546,10 +566,21 @@ class BatchRun:
         extra: dict[str, Any] = {}
         if options.redis is not None:
             extra = {"redis_url": options.redis, "batch_id": options.effective_batch_id}
+        law = parse_law(options.law)
+        if options.profile is not None:
+            warm = BatchProfile.load(options.profile)
+            law = self._law = AdmitLaw(warm=warm)
+            start = law.start_window
+            if warm is None:
+                _err(f"warm start: no profile at {options.profile} yet; this batch writes one")
+            elif start is None:
+                _err(f"warm start from {options.profile}: the batch starts open (it fits)")
+            else:
+                _err(f"warm start from {options.profile}: the batch starts at {start} agents")
         return ConcurGate(
             graph,
             vllm_url=options.url,
-            law=parse_law(options.law),
+            law=law,
             checkpointer=saver,
             progress=None if options.progress else False,
             metrics_port=options.metrics_port,
@@ -640,6 +671,26 @@ class BatchRun:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
+        self._save_profile()
+
+    def _save_profile(self) -> None:
+        """``--profile``: what this batch measured, for the next one (nothing if unmeasured)."""
+        path, law = self.options.profile, self._law
+        if path is None or law is None:
+            return
+        measured = law.profile()
+        if measured is None:
+            _err(
+                f"profile not saved to {path}: no controller tick of this run saw a request "
+                "finish (a run of a few seconds), or the server does not export "
+                "vllm:request_success_total"
+            )
+            return
+        measured.save(path)
+        _err(
+            f"profile saved: {path} ({measured.context_per_call:.0f} tokens per call, "
+            f"{measured.agents} agents)"
+        )
 
     def _summary(self, plan: _Plan, makespan: float) -> int:
         options, c = self.options, self.counts
@@ -726,6 +777,12 @@ def register(subparsers: Any) -> None:
         "--checkpoint", help="SQLite checkpoint file (default: OUT.checkpoints.sqlite)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no live progress line")
+    parser.add_argument(
+        "--profile",
+        metavar="PATH",
+        help="warm start: begin from the profile a previous batch of this agent saved at PATH "
+        "(if any) and save this batch's there",
+    )
     parser.add_argument(
         "--metrics-port",
         type=int,
