@@ -66,36 +66,28 @@ def test_profile_saves_what_the_batch_measured_and_starts_the_next_from_it(
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("extra", "content", "message"),
     [
-        (
-            ["--law", "concur"],
-            r"--profile: a warm start is the default law's \(admit\), not 'concur'",
-        ),
-        (["--redis", "redis://x", "--batch-id", "b"], r"--profile: not with --redis"),
+        (["--law", "concur"], None, r"--profile: a warm start is the default law's \(admit\)"),
+        (["--redis", "redis://x", "--batch-id", "b"], None, r"--profile: not with --redis"),
+        ([], "{not json", r"error: .*p\.json: not JSON"),
+        ([], '{"format": "other"}', r"error: .*p\.json: format: expected"),
     ],
 )
-def test_profile_options_that_cannot_work_are_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+def test_a_profile_that_cannot_work_is_refused_before_anything_runs(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    content: str | None,
+    message: str,
 ) -> None:
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text('{"n": 1}\n')
-    argv = [GRAPH, str(tasks), "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "r.jsonl")]
-    code, _, err = _run(capsys, *argv, "--profile", str(tmp_path / "p.json"), *extra)
-    assert code == 2
-    assert re.search(message, err)
-
-
-def test_a_bad_profile_file_is_refused_before_anything_runs(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text('{"n": 1}\n')
-    bad = tmp_path / "p.json"
-    bad.write_text("{not json")
-    out = tmp_path / "r.jsonl"
+    profile, out = tmp_path / "p.json", tmp_path / "r.jsonl"
+    if content is not None:
+        profile.write_text(content)
     argv = [GRAPH, str(tasks), "--url", "http://127.0.0.1:9", "--out", str(out)]
-    code, _, err = _run(capsys, *argv, "--profile", str(bad))
+    code, _, err = _run(capsys, *argv, "--profile", str(profile), *extra)
     assert code == 2
-    assert f"error: {bad}: not JSON" in err
+    assert re.search(message, err), err
     assert not out.exists()
