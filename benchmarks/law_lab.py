@@ -72,7 +72,7 @@ from concur_langgraph._laws import ConcurLaw, ControlLaw, FixedLaw
 from concur_langgraph._profile import BatchProfile
 from concur_langgraph._signals import Sample
 from concur_langgraph._window import LocalWindow
-from concur_langgraph.bench._bound import lower_bound
+from concur_langgraph.bench._bound import agent_steps, lower_bound
 from concur_langgraph.bench._workload import Workload, load_workload, workload_presets
 from concur_langgraph.sim import EngineMetrics, SimConfig, SimEngine, get_preset
 
@@ -578,12 +578,9 @@ def lifetime_line(workload_name: str, preset: str) -> str:
     capacity = get_preset(preset).kv_capacity_tokens
     first, mean, final = [], [], []
     for plan in workload.plans():
-        context = workload.system_prompt_tokens + plan.task_prompt_tokens
-        first.append(context)
-        calls = []
-        for step, out_n in enumerate(plan.output_tokens):
-            calls.append(context + out_n)
-            context += out_n + (plan.observation_tokens[step] if step + 1 < plan.steps else 0)
+        # Per call: its whole history when it ends (computed context + new prompt + output).
+        calls = [sum(step) for step in agent_steps(plan, workload.system_prompt_tokens)]
+        first.append(workload.system_prompt_tokens + plan.task_prompt_tokens)
         mean.append(sum(calls) / len(calls))
         final.append(calls[-1])
     n = workload.agents

@@ -41,7 +41,7 @@ from concur_langgraph.sim._cost import chunk_attention_pairs
 
 from ._workload import AgentPlan, Workload
 
-__all__ = ["LowerBound", "lower_bound"]
+__all__ = ["LowerBound", "agent_steps", "lower_bound"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,7 +70,7 @@ class LowerBound:
         return max(self.work_s, self.critical_path_s)
 
 
-def _agent_steps(plan: AgentPlan, system: int) -> list[tuple[int, int, int]]:
+def agent_steps(plan: AgentPlan, system: int) -> list[tuple[int, int, int]]:
     """Per LLM call: (context already computed, new prompt tokens, output tokens)."""
     out: list[tuple[int, int, int]] = []
     context = system
@@ -97,7 +97,7 @@ def lower_bound(workload: Workload, config: SimConfig) -> LowerBound:
     critical = 0.0
     for plan in workload.plans():
         path = sum(plan.tool_latency_s)
-        for context, new, produced in _agent_steps(plan, system):
+        for context, new, produced in agent_steps(plan, system):
             pairs = chunk_attention_pairs(context, new)
             reads = context + new
             decodes = produced - 1
