@@ -7,6 +7,10 @@ jumping over waits, so the batch's minutes of simulated time take seconds - firs
 ``graph.abatch``, then through ``ConcurGate`` with our default law. It prints a comparison
 table (makespan, tokens/s, preemptions, prefix hit rate, prompt tokens computed) and writes a
 PNG of KV usage, hit rate, window and active agents over time (default ``out/demo.png``).
+
+With the default law (``auto``) it then runs the batch a third time, as a rerun of the same
+agent would: ``AdmitLaw(warm=profile)``, the profile being what the gated batch measured
+(docs/usage.md, "Warm start").
 """
 
 from __future__ import annotations
@@ -50,8 +54,10 @@ def run_demo(
     """Run the two batches, print the table, write the plot; the records and the plot path."""
     from rich.console import Console
 
+    from ._adaptive import AdmitLaw
+    from .bench._policies import AUTO, Policy
     from .bench._report import plot_figure
-    from .bench._runner import SimBackend, run_one
+    from .bench._runner import SimBackend
     from .bench._workload import load_workload
 
     con: Console = console if console is not None else Console()
@@ -61,59 +67,84 @@ def run_demo(
         f"[bold]{work.agents} LangGraph ReAct agents[/] on the simulated [bold]{sim_preset}[/] "
         "engine, in virtual time"
     )
-    records = []
-    for name, label in (("none", "plain graph.abatch"), (policy, f"ConcurGate ({policy})")):
-        with con.status(f"running {label} ..."):
-            record = run_one(work, name, backend)
+    gated = AdmitLaw()
+    # With auto, the default law is kept to read its profile afterwards: the same run as
+    # ConcurGate's own default (AdmitLaw, starting open).
+    second: Policy | str = (
+        Policy(name=AUTO, law="admit", fixed=None, factory=lambda: gated)
+        if policy == AUTO
+        else policy
+    )
+    records = [
+        _run(con, work, "none", backend, "plain graph.abatch"),
+        _run(con, work, second, backend, f"ConcurGate ({policy})"),
+    ]
+    labels = ["no admission control", f"ConcurGate ({policy})"]
+    profile = gated.profile() if policy == AUTO else None
+    if profile is not None:
+        warm = AdmitLaw(warm=profile)
+        rerun = Policy(name=f"{AUTO}, warm start", law="admit", fixed=None, factory=lambda: warm)
+        records.append(_run(con, work, rerun, backend, "ConcurGate (auto), rerun, warm start"))
+        start = "open" if warm.start_window is None else f"at {warm.start_window} agents"
         con.print(
-            f"  {label}: {record['makespan_s']:.1f} s simulated, {record['wall_s']:.1f} s wall"
+            f"    warm start: the first gated batch measured {profile.context_per_call:,.0f} "
+            f"tokens per call; the rerun starts {start}"
         )
-        records.append(record)
-    _table(con, records, policy)
+        labels.append("rerun, warm start")
+    _table(con, records, labels[1:])
     path = Path(out) / "demo.png"
     plot_figure(
         records,
         path,
         title=f"{work.name}: {work.agents} agents on sim:{sim_preset}",
-        labels=("no admission control", f"ConcurGate ({policy})"),
+        labels=tuple(labels),
     )
     con.print(f"plot: [bold]{path}[/]")
     return records, path
 
 
-def _table(con: Any, records: list[dict[str, Any]], policy: str) -> None:
+def _run(con: Any, work: Any, policy: Any, backend: Any, label: str) -> dict[str, Any]:
+    from .bench._runner import run_one
+
+    with con.status(f"running {label} ..."):
+        record = run_one(work, policy, backend)
+    con.print(f"  {label}: {record['makespan_s']:.1f} s simulated, {record['wall_s']:.1f} s wall")
+    return record
+
+
+def _table(con: Any, records: list[dict[str, Any]], gated_labels: list[str]) -> None:
+    """Plain abatch, then each gated run with its ratio to plain."""
     from rich.table import Table
 
-    base, gated = records
+    base, gated = records[0], records[1:]
     table = Table(title="without vs with the gate")
     table.add_column("")
     table.add_column("plain abatch", justify="right")
-    table.add_column(f"ConcurGate ({policy})", justify="right")
-    table.add_column("ratio", justify="right")
+    for label in gated_labels:
+        table.add_column(label, justify="right")
+        table.add_column("ratio", justify="right")
+
+    def cell(value: Any, fmt: str) -> str:
+        return "-" if value is None else fmt.format(value)
 
     def row(label: str, key: str, fmt: str, higher_is_better: bool) -> None:
-        a, b = base.get(key), gated.get(key)
-        if a is None or b is None:
-            table.add_row(
-                label, "-" if a is None else fmt.format(a), "-" if b is None else fmt.format(b), ""
-            )
-            return
-        ratio = ""
-        if a and b:
-            ratio = f"{(b / a if higher_is_better else a / b):.2f}x"
-        table.add_row(label, fmt.format(a), fmt.format(b), ratio)
+        a = base.get(key)
+        cells = [label, cell(a, fmt)]
+        for record in gated:
+            b = record.get(key)
+            ratio = f"{(b / a if higher_is_better else a / b):.2f}x" if a and b else ""
+            cells += [cell(b, fmt), ratio]
+        table.add_row(*cells)
 
     row("makespan (s)", "makespan_s", "{:,.1f}", False)
     row("tokens/s", "tokens_per_s", "{:,.1f}", True)
     row("prompt tokens computed", "prompt_tokens_computed", "{:,}", False)
     row("prefix hit rate", "prefix_hit_rate", "{:.3f}", True)
     row("preemptions", "preemptions", "{:,}", False)
-    table.add_row(
-        "agents ok / failed",
-        f"{base['agents_ok']} / {base['agents_failed']}",
-        f"{gated['agents_ok']} / {gated['agents_failed']}",
-        "",
-    )
+    outcomes = ["agents ok / failed", f"{base['agents_ok']} / {base['agents_failed']}"]
+    for record in gated:
+        outcomes += [f"{record['agents_ok']} / {record['agents_failed']}", ""]
+    table.add_row(*outcomes)
     con.print(table)
     con.print(
         "ratio: how many times better the gate is (makespan and recompute: plain / gated; "

@@ -69,6 +69,9 @@ class Policy:
     """Key of :data:`LAWS`, or :data:`AUTO`, for adaptive policies; ``None`` otherwise."""
     fixed: int | None
     """K for ``static:K``; ``None`` otherwise."""
+    factory: Callable[[], ControlLaw] | None = None
+    """Makes the law instead of ``LAWS[law]`` (a caller that keeps the law, e.g. to read its
+    profile after the run)."""
 
     @property
     def gated(self) -> bool:
@@ -84,6 +87,8 @@ class Policy:
         """A fresh law for one run; ``None`` for ``none`` and for ``auto`` (the default)."""
         if self.fixed is not None:
             return FixedLaw(self.fixed)
+        if self.factory is not None:
+            return self.factory()
         if self.law is not None and self.law != AUTO:
             return LAWS[self.law]()
         return None
