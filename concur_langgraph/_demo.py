@@ -67,30 +67,30 @@ def run_demo(
         f"[bold]{work.agents} LangGraph ReAct agents[/] on the simulated [bold]{sim_preset}[/] "
         "engine, in virtual time"
     )
-    gated = AdmitLaw()
     # With auto, the default law is kept to read its profile afterwards: the same run as
     # ConcurGate's own default (AdmitLaw, starting open).
+    gated = AdmitLaw() if policy == AUTO else None
     second: Policy | str = (
-        Policy(name=AUTO, law="admit", fixed=None, factory=lambda: gated)
-        if policy == AUTO
-        else policy
+        policy
+        if gated is None
+        else Policy(name=AUTO, law="admit", fixed=None, factory=lambda: gated)
     )
+    labels = ["no admission control", f"ConcurGate ({policy})"]
     records = [
         _run(con, work, "none", backend, "plain graph.abatch"),
-        _run(con, work, second, backend, f"ConcurGate ({policy})"),
+        _run(con, work, second, backend, labels[1]),
     ]
-    labels = ["no admission control", f"ConcurGate ({policy})"]
-    profile = gated.profile() if policy == AUTO else None
+    profile = None if gated is None else gated.profile()
     if profile is not None:
         warm = AdmitLaw(warm=profile)
         rerun = Policy(name=f"{AUTO}, warm start", law="admit", fixed=None, factory=lambda: warm)
-        records.append(_run(con, work, rerun, backend, "ConcurGate (auto), rerun, warm start"))
+        labels.append("rerun, warm start")
+        records.append(_run(con, work, rerun, backend, f"{labels[1]}, {labels[2]}"))
         start = "open" if warm.start_window is None else f"at {warm.start_window} agents"
         con.print(
             f"    warm start: the first gated batch measured {profile.context_per_call:,.0f} "
             f"tokens per call; the rerun starts {start}"
         )
-        labels.append("rerun, warm start")
     _table(con, records, labels[1:])
     path = Path(out) / "demo.png"
     plot_figure(

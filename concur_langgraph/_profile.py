@@ -12,13 +12,13 @@ in a small JSON file in between. Laws stay free of I/O: the caller saves and loa
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
 from ._errors import ConfigError
+from ._laws import _is_real
 
 __all__ = ["BatchProfile"]
 
@@ -65,7 +65,7 @@ class BatchProfile:
                 f"{source}: format: expected {FORMAT!r}, got {data.get('format')!r} "
                 "(not a batch profile, or one from another version)"
             )
-        names = ("context_per_call", "prefill_rate", "kv_capacity_tokens", "agents")
+        names = tuple(f.name for f in fields(cls))
         missing = [n for n in names if n not in data]
         if missing:
             raise ConfigError(f"{source}: missing {', '.join(missing)}")
@@ -101,7 +101,3 @@ class BatchProfile:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{target}: not JSON ({exc.msg} at line {exc.lineno})") from None
         return cls.from_dict(data, source=str(target))
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -47,7 +47,6 @@ from ._policies import Policy, parse_policy, sweep_windows
 from ._workload import Workload
 
 __all__ = [
-    "INITIAL_WINDOW",
     "RECORD_KEYS",
     "SERIES_KEYS",
     "Backend",
@@ -57,10 +56,6 @@ __all__ = [
     "run_one",
     "sweep_summary",
 ]
-
-INITIAL_WINDOW = 4
-"""Window before the first tick of adaptive laws (the choice of two re-implementations of the
-paper, which does not state one)."""
 
 SIM_TIMEOUT_S = 3600.0
 REAL_TIMEOUT_S = 1800.0
@@ -332,23 +327,15 @@ async def _run_async(
             graph, vllm_url=root, http_client=gate_client, interval_s=interval_s, progress=False
         )
     elif policy.law is not None:
-        # A law that knows its start window says so (start_window: AdmitLaw with a warm
-        # profile); one that wants every agent admitted says starts_open; the others start at
-        # the paper's W0. A window above the agent count means nothing.
-        proposed = getattr(law, "start_window", None)
-        if isinstance(proposed, int) and not isinstance(proposed, bool) and proposed >= 1:
-            start = min(proposed, workload.agents)
-        elif getattr(law, "starts_open", False):
-            start = workload.agents
-        else:
-            start = min(INITIAL_WINDOW, workload.agents)
+        # The session picks the start window as for any user (SessionOptions.start_window:
+        # the law's start_window, open for a law that starts open, else 4); max_window caps it
+        # at the agent count, above which a window means nothing.
         gate = ConcurGate(
             graph,
             vllm_url=root,
             http_client=gate_client,
             law=law,
             interval_s=interval_s,
-            initial_window=start,
             max_window=workload.agents,
             progress=False,
         )
