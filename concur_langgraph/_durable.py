@@ -31,6 +31,7 @@ from typing import Any, Literal
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+from langgraph.types import StateSnapshot
 
 from ._errors import ConfigError
 
@@ -161,9 +162,27 @@ async def plan_agent(
             f"inputs[{index}]: thread {thread_id!r} of batch_id={batch_id!r} {what}; run the "
             "original tasks to resume the batch, or use a new batch_id"
         )
-    if not snapshot.next:
+    return _plan_from(graph, snapshot, kwargs)
+
+
+def _plan_from(graph: Any, snapshot: StateSnapshot, kwargs: dict[str, Any]) -> AgentPlan:
+    """``done`` exactly when LangGraph has nothing left to run on this thread.
+
+    ``snapshot.tasks`` is what LangGraph's loop would plan from the latest checkpoint (every
+    task of the open super-step, finished ones included). ``snapshot.next`` is NOT the test:
+    it leaves out tasks whose writes are already saved, so after a crash between a step's
+    writes and the checkpoint that closes the step it is empty although the graph has more
+    to run (the step's writes are applied, and the steps they trigger run, on resume).
+    """
+    tasks = snapshot.tasks
+    if not tasks:
         return AgentPlan("done", stored_output(graph, snapshot.values, (), kwargs))
-    if snapshot.interrupts:
+    # Stopped at a human-in-the-loop interrupt: every unfinished task of the step (those in
+    # ``next``; in the latest snapshot only unfinished tasks report pending interrupts) waits
+    # for an answer, so ``ainvoke`` returned (or would return) the interrupt. Any other
+    # unfinished task means the run was cut short: resume it.
+    waiting = sum(1 for task in tasks if task.interrupts)
+    if waiting and waiting == len(snapshot.next):
         return AgentPlan("done", stored_output(graph, snapshot.values, snapshot.interrupts, kwargs))
     return AgentPlan("resume")
 
