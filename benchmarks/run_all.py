@@ -9,6 +9,11 @@ workload ``--repeats`` times per policy and report medians with the spread.
     python benchmarks/run_all.py                       # the simulator tables
     python benchmarks/run_all.py --only demo,light-8   # some workloads
     python benchmarks/run_all.py --real-vllm --skip-sim
+
+Exit status: 0 when every run completed; 1 when any run had failed agents (after every record,
+the report and the tables are written; failed runs are marked ``FAILED`` there and never
+compared); 2 for bad settings, such as a workload that may outgrow its server's
+``max_model_len`` (refused before anything runs).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 from concur_langgraph._errors import ConfigError
 from concur_langgraph.bench._policies import AUTO, LAWS
-from concur_langgraph.bench._report import markdown_table, write_report
+from concur_langgraph.bench._report import failure_text, markdown_table, run_failed, write_report
 from concur_langgraph.bench._runner import (
     Backend,
     SimBackend,
@@ -65,9 +70,12 @@ ADAPTIVE = (AUTO, "concur")
 def _job(workload: str, policy: str, backend: Backend, interval_s: float) -> dict[str, Any]:
     started = time.perf_counter()
     record = run_one(load_workload(workload), policy, backend, interval_s=interval_s)
+    outcome = (
+        failure_text(record) if run_failed(record) else f"makespan {record['makespan_s']:9.1f} s"
+    )
     print(
         f"  {workload:<10} {policy:<10} {record['backend']:<28} "
-        f"makespan {record['makespan_s']:9.1f} s  (wall {time.perf_counter() - started:5.1f} s)",
+        f"{outcome}  (wall {time.perf_counter() - started:5.1f} s)",
         file=sys.stderr,
         flush=True,
     )
@@ -85,9 +93,14 @@ def run_sim(
     """Every policy of every suite on the simulator; static runs get their sweep summary."""
     units = []
     for suite in suites:
-        agents = load_workload(suite.workload).agents
+        workload = load_workload(suite.workload)
         backend = SimBackend.preset(suite.sim_preset)
-        units += [(suite.workload, p, backend) for p in _policies_of(suite, agents, adaptive)]
+        # Refuse a workload its preset cannot hold before any run (run_one would, but only
+        # once the other workloads' runs are under way in the pool).
+        workload.check_fits(backend.config.max_model_len, server=backend.source)
+        units += [
+            (suite.workload, p, backend) for p in _policies_of(suite, workload.agents, adaptive)
+        ]
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(_job, w, p, b, interval_s) for w, p, b in units]
@@ -128,7 +141,12 @@ def run_real(
 
 
 def real_table(records: Sequence[dict[str, Any]]) -> str:
-    """Medians over repeats, with the spread (min-max), per policy."""
+    """Medians over repeats, with the spread (min-max), per policy.
+
+    A policy any run of which had failed agents is marked ``FAILED`` (runs / agents) with no
+    median and no speed-up: a median over the runs that survived would flatter it. No policy
+    gets a speed-up over a failed ``none``.
+    """
     lines = [
         "| workload | backend | policy | runs | makespan median (s) | min - max (s) "
         "| speed-up vs none (medians) | preemptions (median) | hit rate (median) | failed |",
@@ -137,24 +155,45 @@ def real_table(records: Sequence[dict[str, Any]]) -> str:
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["workload"], r["backend"], r["policy"]), []).append(r)
-    medians = {k: statistics.median(r["makespan_s"] for r in v) for k, v in groups.items()}
+    medians = {
+        k: statistics.median(r["makespan_s"] for r in v)
+        for k, v in groups.items()
+        if not any(run_failed(r) for r in v)
+    }
     for (workload, backend, policy), runs in groups.items():
-        spans = [r["makespan_s"] for r in runs]
-        none = medians.get((workload, backend, "none"))
-        med = medians[(workload, backend, policy)]
         hits = [r["prefix_hit_rate"] for r in runs if r["prefix_hit_rate"] is not None]
+        bad = [r for r in runs if run_failed(r)]
+        agents_failed = sum(r["agents_failed"] or 0 for r in runs)
+        if bad:
+            agents = sum(r["agents"] or 0 for r in runs)
+            median = f"FAILED {len(bad)}/{len(runs)} runs ({agents_failed}/{agents} agents)"
+            spread = speedup = "-"
+        else:
+            spans = [r["makespan_s"] for r in runs]
+            none = medians.get((workload, backend, "none"))
+            med = medians[(workload, backend, policy)]
+            median = f"{med:.1f}"
+            spread = f"{min(spans):.1f} - {max(spans):.1f}"
+            speedup = "-" if none is None else f"{none / med:.2f}"
         lines.append(
-            f"| {workload} | {backend} | {policy} | {len(runs)} | {med:.1f} "
-            f"| {min(spans):.1f} - {max(spans):.1f} "
-            f"| {'-' if none is None else f'{none / med:.2f}'} "
+            f"| {workload} | {backend} | {policy} | {len(runs)} | {median} | {spread} "
+            f"| {speedup} "
             f"| {statistics.median(r['preemptions'] for r in runs):.0f} "
             f"| {'-' if not hits else f'{statistics.median(hits):.3f}'} "
-            f"| {sum(r['agents_failed'] for r in runs)} |"
+            f"| {agents_failed} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ConfigError as exc:
+        print(f"run_all: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out/bench", help="output folder (default out/bench)")
     parser.add_argument("--only", help="comma-separated workloads of the suite to run")
@@ -237,6 +276,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             fh.write("\n## Real vLLM (medians of repeats)\n\n" + real_table(real))
     print(text)
     print(f"wrote {report} and {len(figures)} figure(s) in {out}", file=sys.stderr)
+    failed = [r for r in records + real if run_failed(r)]
+    if failed:
+        runs = ", ".join(f"{r['workload']} {r['policy']} ({failure_text(r)})" for r in failed)
+        print(
+            f"run_all: error: runs with failed agents, marked FAILED and not compared: {runs}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

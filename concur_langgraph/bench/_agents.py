@@ -90,6 +90,8 @@ class AgentTracker:
     """Agents that made their first LLM call."""
     finished: int = 0
     """Agents whose last LLM call returned."""
+    failed: int = 0
+    """Agents whose LLM call raised (an HTTP error, a timeout): they end there."""
     llm_calls: int = 0
     """LLM calls that returned."""
     generated_tokens: int = 0
@@ -103,8 +105,8 @@ class AgentTracker:
 
     @property
     def active(self) -> int:
-        """Agents started and not finished."""
-        return self.started - self.finished
+        """Agents started that neither finished nor failed."""
+        return self.started - self.finished - self.failed
 
 
 def _usage(message: AIMessage) -> tuple[int, int, int]:
@@ -141,11 +143,16 @@ def build_agent_graph(model: BaseChatModel, tracker: AgentTracker | None = None)
         n = plan.output_tokens[step]
         if step == 0:
             track.started += 1
-        reply = await bound.ainvoke(
-            state["messages"],
-            max_tokens=n,
-            extra_body={"ignore_eos": True, "min_tokens": n},
-        )
+        try:
+            reply = await bound.ainvoke(
+                state["messages"],
+                max_tokens=n,
+                extra_body={"ignore_eos": True, "min_tokens": n},
+            )
+        except BaseException:
+            # The error ends the agent (abatch returns it); it is no longer active.
+            track.failed += 1
+            raise
         if not isinstance(reply, AIMessage):  # pragma: no cover - ChatOpenAI returns AIMessage
             raise TypeError(f"expected an AIMessage, got {type(reply).__name__}")
         out, prompt, cached = _usage(reply)

@@ -5,11 +5,19 @@
   and writes one JSON record per run, one per line (``-``: stdout). Policies: ``none``,
   ``static:K``, ``static-sweep``, and every adaptive law by name (``concur``, ``auto``, ...).
   Without a backend flag the simulator preset ``h100-qwen3-32b-tp2`` is used.
+  ``--fault FIELD=VALUE`` (repeatable, simulator only) makes the simulated server misbehave
+  as ``concur sim serve --fault`` does (``--fault chat=error --fault chat_status=500``): the
+  backend is labelled ``sim:<preset>+faults``.
 * ``concur bench report RECORDS.jsonl --out DIR`` writes ``DIR/report.md`` (a markdown table)
   and one PNG per workload and backend.
 
-Bad settings exit with status 2 and the message of the :class:`ConfigError`, which names the
-field. Long runs show a progress bar on stderr when it is a terminal.
+Exit status of ``concur bench``: 0 when every run completed; 1 when any run had failed agents
+(after every record is written and the table printed, so nothing is lost; the failed runs are
+marked ``FAILED`` and named on stderr, even with ``--quiet``); 2 for bad settings, including a
+workload an agent of which may outgrow the server's ``max_model_len`` (refused before anything
+runs), with the message of the :class:`ConfigError`, which names the field. ``concur bench
+report`` exits 0 whatever the records hold (they are marked ``FAILED`` in the report). Long
+runs show a progress bar on stderr when it is a terminal.
 """
 
 from __future__ import annotations
@@ -50,6 +58,14 @@ def register(subparsers: Any) -> None:
     backend.add_argument("--url", help="a real vLLM server's base URL (runs in real time)")
     parser.add_argument("--model", help="served model name for --url (default: the first listed)")
     parser.add_argument(
+        "--fault",
+        action="append",
+        default=None,
+        metavar="FIELD=VALUE",
+        help="simulator only: a fault of the simulated server, as `concur sim serve --fault` "
+        "(repeatable)",
+    )
+    parser.add_argument(
         "--interval", type=float, default=1.0, help="controller tick and sampling period, s"
     )
     parser.add_argument(
@@ -80,14 +96,19 @@ def _backend(args: argparse.Namespace) -> Any:
     from ._runner import SimBackend, UrlBackend
 
     if args.url is not None:
+        if args.fault:
+            raise ConfigError("--fault: only used with the simulator (not with --url)")
         return UrlBackend(url=args.url, model=args.model)
     if args.model is not None:
         raise ConfigError("--model: only used with --url")
-    if args.sim_config is not None:
-        from concur_langgraph.sim._cli import load_config
+    from concur_langgraph.sim._cli import faults_from_settings, load_config
 
-        return SimBackend(config=load_config(None, args.sim_config), name=args.sim_config)
-    return SimBackend.preset(args.sim_preset or DEFAULT_SIM_PRESET)
+    faults = faults_from_settings(args.fault) if args.fault else None
+    if args.sim_config is not None:
+        config = load_config(None, args.sim_config)
+        return SimBackend(config=config, name=args.sim_config, faults=faults)
+    preset = SimBackend.preset(args.sim_preset or DEFAULT_SIM_PRESET)
+    return SimBackend(config=preset.config, name=preset.name, faults=faults)
 
 
 def _sweep(text: str | None) -> list[int] | None:
@@ -142,7 +163,7 @@ def _progress(enabled: bool, total: int) -> Iterator[tuple[Any, Any]]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ._report import markdown_table
+    from ._report import failure_text, markdown_table, run_failed
     from ._runner import run_benchmark
     from ._workload import load_workload
 
@@ -172,6 +193,16 @@ def _run(args: argparse.Namespace) -> int:
             _write(records, out)
     if not args.quiet:
         print(markdown_table(records), file=sys.stderr, end="")
+    failed = [r for r in records if run_failed(r)]
+    if failed:
+        runs = ", ".join(f"{r['policy']} ({failure_text(r)})" for r in failed)
+        first = next((r["errors"][0] for r in failed if r.get("errors")), "(none recorded)")
+        print(
+            f"concur bench: error: runs with failed agents, not comparable: {runs}. First "
+            f'error: {first}. Every record is written (status "failed"); exit status 1.',
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

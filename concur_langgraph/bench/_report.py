@@ -5,6 +5,11 @@ speed-up over ``none`` on the same workload and backend (``none`` makespan / thi
 throughput, prompt tokens computed (recompute included on the simulator), prefix hit rate,
 preemptions, the window (peak / mean) and agents ok / failed.
 
+A failed run (``status`` ``"failed"``: an agent failed) is never compared: its makespan cell
+reads ``FAILED 8/8 agents``, its ``x LB``, speed-up and tokens/s are ``-``, no run gets a
+speed-up over a failed ``none``, and a note under the table gives each failed run's first
+error. In the figures its lines are dashed and its legend says ``FAILED``.
+
 The figures follow the paper's: KV usage, prefix hit rate (per interval), window and active
 agents over time, one line per policy. matplotlib is imported only here (the ``plot`` extra),
 with the Agg backend: no display needed.
@@ -17,11 +22,28 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from concur_langgraph._errors import ConfigError
 
-__all__ = ["load_records", "markdown_table", "plot_figure", "plot_records", "write_report"]
+__all__ = [
+    "FAILED",
+    "OK",
+    "failure_text",
+    "load_records",
+    "markdown_table",
+    "plot_figure",
+    "plot_records",
+    "run_failed",
+    "write_report",
+]
+
+OK: Final = "ok"
+"""A record's ``status`` when every agent finished."""
+FAILED: Final = "failed"
+"""A record's ``status`` when an agent failed (for a ``static-sweep`` summary: when every
+window had failed agents). Its numbers compare to nothing: no ratio, speed-up or best is
+computed from it."""
 
 _PANELS = (
     ("kv_usage", "KV usage"),
@@ -55,6 +77,24 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def run_failed(record: dict[str, Any]) -> bool:
+    """Whether ``record`` is a failed run (a record without ``status``, written before it
+    existed: whether any agent failed)."""
+    if "status" in record:
+        return bool(record["status"] == FAILED)
+    return bool(record.get("agents_failed"))
+
+
+def failure_text(record: dict[str, Any]) -> str:
+    """What a failed run shows instead of its numbers: ``FAILED 8/8 agents`` (a sweep whose
+    every window failed: ``FAILED 3/3 windows``)."""
+    if record.get("policy") == "static-sweep" and record.get("best_k") is None:
+        windows = len(record.get("sweep") or {})
+        return f"FAILED {windows}/{windows} windows"
+    failed, agents = record.get("agents_failed"), record.get("agents")
+    return f"FAILED {_fmt(failed)}/{_fmt(agents)} agents"
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -68,7 +108,7 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 
 def _policy_label(record: dict[str, Any]) -> str:
-    if record["policy"] == "static-sweep" and "best_k" in record:
+    if record["policy"] == "static-sweep" and record.get("best_k") is not None:
         return f"static-sweep (best K={record['best_k']})"
     return str(record["policy"])
 
@@ -82,29 +122,54 @@ def _groups(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], list[dic
 
 
 def markdown_table(records: Sequence[dict[str, Any]]) -> str:
-    """One markdown table of every record, grouped by workload and backend."""
+    """One markdown table of every record, grouped by workload and backend.
+
+    Failed runs show :func:`failure_text` and no ratio; a note under the table lists them
+    with their first error.
+    """
     header = (
         "| workload | backend | policy | makespan (s) | x LB | speed-up vs none | tokens/s "
         "| prompt tokens computed | hit rate | preemptions | window peak / mean | ok / failed |"
     )
     lines = [header, "|" + "---|" * 12]
+    failed: list[str] = []
     for (workload, backend), group in _groups(records).items():
         none = next((r for r in group if r["policy"] == "none"), None)
+        if none is not None and run_failed(none):
+            none = None  # a failed baseline gives no speed-up to anyone
         for r in group:
             makespan = r["makespan_s"]
             bound = r.get("lower_bound_s")
-            x_lb = makespan / bound if bound and makespan else None
-            speedup = none["makespan_s"] / makespan if none is not None and makespan else None
             hit = r.get("prefix_hit_rate")
             peak, mean = r.get("window_peak"), r.get("window_mean")
             window = "-" if peak is None else f"{peak} / {_fmt(mean)}"
+            if run_failed(r):
+                outcome, x_lb, speedup, rate = failure_text(r), "-", "-", "-"
+                errors = r.get("errors") or ["(no error recorded)"]
+                failed.append(f"- {workload} on {backend}, {_policy_label(r)}: {errors[0]}")
+            else:
+                outcome = _fmt(makespan)
+                x_lb = _fmt(makespan / bound if bound and makespan else None, 2)
+                speedup = _fmt(
+                    none["makespan_s"] / makespan if none is not None and makespan else None, 2
+                )
+                rate = _fmt(r.get("tokens_per_s"))
             lines.append(
-                f"| {workload} | {backend} | {_policy_label(r)} | {_fmt(makespan)} "
-                f"| {_fmt(x_lb, 2)} | {_fmt(speedup, 2)} | {_fmt(r.get('tokens_per_s'))} "
+                f"| {workload} | {backend} | {_policy_label(r)} | {outcome} "
+                f"| {x_lb} | {speedup} | {rate} "
                 f"| {_fmt(r.get('prompt_tokens_computed'))} "
                 f"| {'-' if hit is None else f'{hit:.3f}'} | {_fmt(r.get('preemptions'))} "
-                f"| {window} | {r.get('agents_ok', '-')} / {r.get('agents_failed', '-')} |"
+                f"| {window} | {_fmt(r.get('agents_ok'))} / {_fmt(r.get('agents_failed'))} |"
             )
+    if failed:
+        lines += [
+            "",
+            "FAILED: runs with failed agents. Their makespans are not compared (no x LB, no "
+            "speed-up, never the best window), nor is any run compared with a failed `none`. "
+            "First error of each:",
+            "",
+            *failed,
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -138,12 +203,22 @@ def plot_figure(
         series = record["series"]
         t = series["t"]
         label = labels[index] if index < len(labels) else _policy_label(record)
+        style = "-"
+        if run_failed(record):
+            label, style = f"{label} ({failure_text(record)})", "--"
         for ax, (key, _name) in zip(axes, _PANELS, strict=True):
             values = [math.nan if v is None else float(v) for v in series.get(key, [])]
             if values and not all(math.isnan(v) for v in values):
                 # One colour per record on every panel, even where a record has no line
                 # (no window without a gate), so the legend holds for all panels.
-                ax.plot(t, values, label=label, linewidth=1.2, color=f"C{index % 10}")
+                ax.plot(
+                    t,
+                    values,
+                    label=label,
+                    linewidth=1.2,
+                    linestyle=style,
+                    color=f"C{index % 10}",
+                )
     for ax, (_key, name) in zip(axes, _PANELS, strict=True):
         ax.set_ylabel(name)
         ax.grid(True, alpha=0.3)
@@ -163,12 +238,13 @@ def plot_records(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list
     out = Path(out_dir)
     paths: list[Path] = []
     for (workload, backend), group in _groups(records).items():
-        # With a sweep, its best run stands for the static windows (the others would clutter).
-        swept = any(r["policy"] == "static-sweep" for r in group)
+        # With a sweep, its best run stands for the static windows (the others would clutter);
+        # a sweep whose every window failed has no best, and its failed windows are shown.
+        swept = any(r["policy"] == "static-sweep" and r.get("series") for r in group)
         shown = [
             r
             for r in group
-            if "series" in r and not (swept and str(r["policy"]).startswith("static:"))
+            if r.get("series") and not (swept and str(r["policy"]).startswith("static:"))
         ]
         if shown:
             path = out / f"{_slug(workload)}__{_slug(backend)}.png"

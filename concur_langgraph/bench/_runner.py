@@ -19,6 +19,13 @@ default pool of 100 connections would silently cap the batch).
 A sampler task reads the server's ``/metrics`` (through the same :class:`VLLMMetricsSource`
 the controller uses) and the gate's statistics every ``interval_s`` and appends one row to the
 record's time series.
+
+Failures. A workload an agent of which may outgrow the server's ``max_model_len`` (the
+simulator's config; a real server's ``/v1/models`` card) is refused before anything runs
+(:meth:`Workload.check_fits`). An agent that fails anyway (an HTTP error, a timeout) does not
+stop the batch: the record counts it (``agents_failed``, ``errors``) and its ``status`` is
+``"failed"``. A failed run's makespan is the time until every agent ended, successfully or
+not: it is kept, but never compared (tables, reports and ``static-sweep`` skip it).
 """
 
 from __future__ import annotations
@@ -38,12 +45,14 @@ from concur_langgraph._errors import ConfigError, MetricsError
 from concur_langgraph._signals import VLLMMetricsSource
 from concur_langgraph._wrapper import ConcurGate
 from concur_langgraph.sim._config import SimConfig
-from concur_langgraph.sim._presets import get_preset
+from concur_langgraph.sim._faults import Faults
+from concur_langgraph.sim._presets import PRESETS, get_preset
 from concur_langgraph.sim._server import SimServer
 
 from ._agents import AgentTracker, agent_input, build_agent_graph, recursion_limit, system_prompt
 from ._bound import lower_bound
 from ._policies import Policy, parse_policy, sweep_windows
+from ._report import FAILED, OK, run_failed
 from ._workload import Workload
 
 __all__ = [
@@ -89,9 +98,11 @@ RECORD_KEYS = (
     "interval_s",
     "wall_s",
     "errors",
+    "status",
     "series",
 )
-"""Keys of every record (values may be ``None`` where they do not apply)."""
+"""Keys of every record (values may be ``None`` where they do not apply). ``status`` is
+``"ok"`` or ``"failed"`` (an agent failed: see the module docstring)."""
 
 SERIES_KEYS = (
     "t",
@@ -117,6 +128,9 @@ class SimBackend:
     """The engine's configuration."""
     name: str
     """Preset name or config file, for the record's ``backend``."""
+    faults: Faults | None = None
+    """Faults of the simulated server (``None``: a healthy one); see ``sim/_faults.py``.
+    Active faults show in the record's ``backend`` (``sim:<name>+faults``)."""
 
     @classmethod
     def preset(cls, name: str) -> SimBackend:
@@ -125,8 +139,16 @@ class SimBackend:
 
     @property
     def label(self) -> str:
-        """``sim:<name>``."""
-        return f"sim:{self.name}"
+        """``sim:<name>`` (``sim:<name>+faults`` with active faults)."""
+        faulty = self.faults is not None and self.faults.active
+        return f"sim:{self.name}" + ("+faults" if faulty else "")
+
+    @property
+    def source(self) -> str:
+        """Where the config comes from, in words (``sim preset cpu-tiny``)."""
+        if PRESETS.get(self.name) == self.config:
+            return f"sim preset {self.name}"
+        return f"sim config {self.name}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -241,16 +263,34 @@ class _Sampler:
             await asyncio.sleep(max(0.0, deadline - loop.time()))
 
 
-async def _served_model(client: httpx.AsyncClient, root: str) -> str:
+async def _served_model(
+    client: httpx.AsyncClient, root: str, model: str | None
+) -> tuple[str, int | None]:
+    """The model to call and its ``max_model_len`` (``None``: the card does not say).
+
+    ``model`` ``None``: the first model ``/v1/models`` lists, which must answer. With a model
+    named, the listing only serves the ``max_model_len`` check: a server that does not answer
+    it (or does not list that model) is run unchecked, as before the check existed.
+    """
     try:
         response = await client.get(f"{root}/v1/models")
         response.raise_for_status()
-    except httpx.HTTPError as exc:
+        data = response.json().get("data") or []
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        if model is not None:
+            return model, None
         raise ConfigError(f"url: cannot list the models of {root}: {exc}") from exc
-    data = response.json().get("data") or []
-    if not data:
-        raise ConfigError(f"url: {root}/v1/models lists no model")
-    return str(data[0]["id"])
+    if model is None:
+        if not data:
+            raise ConfigError(f"url: {root}/v1/models lists no model")
+        card = data[0]
+    else:
+        card = next((c for c in data if isinstance(c, dict) and c.get("id") == model), {})
+    # vLLM's model card carries max_model_len; other servers may not.
+    length = card.get("max_model_len") if isinstance(card, dict) else None
+    name = model if model is not None else str(card["id"])
+    valid = isinstance(length, int) and not isinstance(length, bool) and length > 0
+    return name, length if valid else None
 
 
 def _window_stats(series: dict[str, list[Any]]) -> tuple[int | None, float | None]:
@@ -278,7 +318,7 @@ async def _run_async(
     loop = asyncio.get_running_loop()
     server: SimServer | None = None
     if isinstance(backend, SimBackend):
-        server = SimServer(backend.config)
+        server = SimServer(backend.config, faults=backend.faults)
         root = server.root_url
         client = server.http_client()
         gate_client = server.http_client()
@@ -291,7 +331,9 @@ async def _run_async(
         client = httpx.AsyncClient(timeout=30.0)
         gate_client = httpx.AsyncClient(timeout=30.0)
         try:
-            name = backend.model or await _served_model(client, root)
+            name, max_model_len = await _served_model(client, root, backend.model)
+            if max_model_len is not None:
+                workload.check_fits(max_model_len, server=f"{backend.label}, from its /v1/models")
         except BaseException:
             await client.aclose()
             await gate_client.aclose()
@@ -381,7 +423,9 @@ async def _run_async(
             await server.engine.aclose()
     wall = time.perf_counter() - wall0
 
-    errors = [_short(r) for r in results if isinstance(r, BaseException)]
+    failures = [_short(r) for r in results if isinstance(r, BaseException)]
+    # The first five distinct errors: a batch that fails fails the same way many times.
+    errors = list(dict.fromkeys(failures))[:5]
     delta = {key: after[key] - before[key] for key in after}
     if engine_computed is not None:
         computed: int | None = int(engine_computed)
@@ -413,14 +457,15 @@ async def _run_async(
         "window_peak": window_peak,
         "window_mean": window_mean,
         "agents": workload.agents,
-        "agents_ok": len(results) - len(errors),
-        "agents_failed": len(errors),
+        "agents_ok": len(results) - len(failures),
+        "agents_failed": len(failures),
         "llm_calls": tracker.llm_calls,
         "parks": stats.gate.parks_total if stats is not None else 0,
         "lower_bound_s": bound,
         "interval_s": interval_s,
         "wall_s": wall,
-        "errors": errors[:5],
+        "errors": errors,
+        "status": FAILED if failures else OK,
         "series": sampler.series,
     }
 
@@ -437,6 +482,9 @@ def run_one(
 
     Simulator runs use virtual time (exact, repeatable); real servers real time. Must be
     called outside a running event loop. ``on_row`` sees every time-series row (progress).
+    A workload that may outgrow the server's ``max_model_len`` is refused before it runs
+    (:class:`ConfigError`, see :meth:`Workload.check_fits`); agents that fail during the run
+    make the record ``status`` :data:`FAILED`.
     """
     if isinstance(policy, str):
         if policy == "static-sweep":
@@ -444,6 +492,8 @@ def run_one(
         policy = parse_policy(policy)
     if not (isinstance(interval_s, int | float) and math.isfinite(interval_s) and interval_s > 0):
         raise ConfigError(f"interval_s: must be a number > 0, got {interval_s!r}")
+    if isinstance(backend, SimBackend):
+        workload.check_fits(backend.config.max_model_len, server=backend.source)
     coro = _run_async(workload, policy, backend, interval_s=interval_s, on_row=on_row)
     if isinstance(backend, SimBackend):
         return vtime.run(coro)
@@ -453,15 +503,34 @@ def run_one(
 def sweep_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The ``static-sweep`` record of several ``static:K`` runs: a copy of the best one (the
     shortest makespan among runs with no failed agent) with ``best_k`` and ``sweep``
-    (policy -> makespan) added."""
+    (policy -> makespan; ``None`` for a failed run, whose makespan compares to nothing) added.
+
+    When every run failed there is no best: the summary is :data:`FAILED`, its ``best_k``,
+    measurements and agent counts ``None``, its ``errors`` those of the runs.
+    """
     if not runs:
         raise ConfigError("sweep: no static runs to summarise")
-    ok = [r for r in runs if r["agents_failed"] == 0] or list(runs)
+    ok = [r for r in runs if not run_failed(r)]
+    sweep = {r["policy"]: None if run_failed(r) else r["makespan_s"] for r in runs}
+    if not ok:
+        first = runs[0]
+        summary: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
+        for key in ("workload", "backend", "agents", "lower_bound_s", "interval_s"):
+            summary[key] = first.get(key)
+        errors = [e for r in runs for e in r.get("errors") or []]
+        summary.update(
+            policy="static-sweep",
+            errors=list(dict.fromkeys(errors))[:5],
+            status=FAILED,
+            best_k=None,
+            sweep=sweep,
+        )
+        return summary
     best = min(ok, key=lambda r: r["makespan_s"])
     summary = dict(best)
     summary["policy"] = "static-sweep"
     summary["best_k"] = int(str(best["policy"]).removeprefix("static:"))
-    summary["sweep"] = {r["policy"]: r["makespan_s"] for r in runs}
+    summary["sweep"] = sweep
     return summary
 
 

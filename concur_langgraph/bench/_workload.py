@@ -325,6 +325,32 @@ class Workload:
             + (2 * steps + 2) * per_message_overhead
         )
 
+    def check_fits(self, max_model_len: int, *, server: str, per_message_overhead: int = 8) -> None:
+        """Refuse (:class:`ConfigError`) a workload an agent of which may outgrow the server.
+
+        The largest context is :meth:`max_context_tokens` (every distribution at its maximum):
+        past ``max_model_len`` the server answers 400 to an agent's call and the agent fails,
+        so the run would measure nothing. ``server`` says where ``max_model_len`` comes from
+        (``sim preset cpu-tiny``, a URL), for the message.
+        """
+        need = self.max_context_tokens(per_message_overhead)
+        if need <= max_model_len:
+            return
+        steps = int(self.steps.cap)
+        parts = (
+            f"system {self.system_prompt_tokens:,} + task {int(self.task_prompt_tokens.cap):,}"
+            f" + {steps} steps x output {int(self.output_tokens.cap):,}"
+            f" + {steps - 1} tool calls x observation {int(self.observation_tokens.cap):,}"
+            f" + {2 * steps + 2} messages x {per_message_overhead} template tokens"
+        )
+        raise ConfigError(
+            f"workload {self.name}: an agent's context can reach {need:,} tokens ({parts}, "
+            f"the maxima of the workload's distributions) but the server's max_model_len is "
+            f"{max_model_len} ({server}); every agent that outgrows it fails with a 400. Lower "
+            "steps, output_tokens or observation_tokens, or use a server with a longer "
+            "max_model_len"
+        )
+
 
 # -- files and presets ----------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ def test_each_agent_runs_exactly_its_plan(tiny_workload: Workload) -> None:
     total = sum(sum(p.output_tokens) for p in plans)
     assert tracker.generated_tokens == metrics.generation_tokens == total
     assert tracker.started == tracker.finished == len(plans)
+    assert tracker.failed == tracker.active == 0
     assert tracker.llm_calls == sum(p.steps for p in plans)
     assert tracker.short_replies == 0
 

@@ -4,15 +4,37 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from concur_langgraph import cli
-from concur_langgraph.bench._report import load_records, markdown_table, write_report
+from concur_langgraph.bench._report import (
+    load_records,
+    markdown_table,
+    plot_records,
+    write_report,
+)
 from concur_langgraph.bench._runner import RECORD_KEYS, SimBackend, run_one
 from concur_langgraph.bench._workload import Workload
+from concur_langgraph.sim import Faults
 
 PNG = b"\x89PNG\r\n\x1a\n"
+# The first two chat calls get a 400: two of the tiny batch's six agents fail.
+FAULTS = ["--fault", "chat=error", "--fault", "chat_status=400", "--fault", "chat_next=2"]
+FIRST_ERROR = "OpenAIInvalidRequestError: Error code: 400 - injected fault"
+
+
+def _failed_run(work: Workload, policy: str) -> dict[str, Any]:
+    """A run of ``policy`` whose two first calls fail, in the group of the healthy runs."""
+    faults = Faults(chat="error", chat_status=400, chat_next=2)
+    backend = SimBackend.preset("test-tiny")
+    record = run_one(work, policy, SimBackend(config=backend.config, name="x", faults=faults))
+    return dict(record, backend=backend.label)
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.split("|")]
 
 
 @pytest.fixture
@@ -74,6 +96,11 @@ def test_cli_bench_json_to_stdout_then_report(
         (["--policy", "none", "--sim-preset", "nope"], "unknown preset 'nope'"),
         (["--policy", "none", "--sweep", "0,2"], "--sweep: windows must be integers >= 1"),
         (["--policy", "none", "--model", "m"], "--model: only used with --url"),
+        (["--policy", "none", "--fault", "chat=oops"], "chat: must be one of"),
+        (
+            ["--policy", "none", "--fault", "metrics=down", "--url", "http://127.0.0.1:9"],
+            "--fault: only used with the simulator",
+        ),
     ],
 )
 def test_cli_bench_errors_exit_2(
@@ -126,3 +153,107 @@ def test_cli_bench_unreachable_url_exits_2(
     code = cli.main([*argv, "--url", "http://127.0.0.1:9", "--json", "-", "--quiet"])
     assert code == 2
     assert "url: cannot list the models of http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_table_marks_a_failed_none_and_compares_nothing_with_it(
+    tiny_workload: Workload, records: list[dict[str, Any]]
+) -> None:
+    failed, static = _failed_run(tiny_workload, "none"), records[1]
+    assert failed["status"] == "failed"
+    lines = markdown_table([failed, static]).splitlines()
+    none_row, static_row = _cells(lines[2]), _cells(lines[3])
+    assert none_row[3:8] == ["none", "FAILED 2/6 agents", "-", "-", "-"]
+    assert none_row[12] == "4 / 2"
+    # The healthy run keeps its own bound, but gets no speed-up over a failed baseline.
+    x_lb = float(static["makespan_s"]) / float(static["lower_bound_s"])
+    assert static_row[3:7] == ["static:2", f"{float(static['makespan_s']):.1f}", f"{x_lb:.2f}", "-"]
+    assert lines[4:] == [
+        "",
+        "FAILED: runs with failed agents. Their makespans are not compared (no x LB, no "
+        "speed-up, never the best window), nor is any run compared with a failed `none`. "
+        "First error of each:",
+        "",
+        f"- tiny on sim:test-tiny, none: {FIRST_ERROR}",
+    ]
+
+
+def test_table_gives_a_failed_run_no_speed_up(
+    tiny_workload: Workload, records: list[dict[str, Any]]
+) -> None:
+    none, failed = records[0], _failed_run(tiny_workload, "static:2")
+    lines = markdown_table([none, failed]).splitlines()
+    assert _cells(lines[2])[6] == "1.00"
+    assert _cells(lines[3])[3:8] == ["static:2", "FAILED 2/6 agents", "-", "-", "-"]
+
+
+def test_report_and_plot_mark_failed_runs(
+    tiny_workload: Workload,
+    records: list[dict[str, Any]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import matplotlib.pyplot as plt
+
+    failed = _failed_run(tiny_workload, "none")
+    report, figures = write_report([failed, records[1]], tmp_path)
+    text = report.read_text(encoding="utf-8")
+    assert "| none | FAILED 2/6 agents | - | - | - |" in text
+    assert f"- tiny on sim:test-tiny, none: {FIRST_ERROR}" in text
+    assert figures[0].read_bytes()[:8] == PNG
+
+    legends: list[list[str]] = []
+    styles: list[list[str]] = []
+    close = plt.close
+
+    def keep(fig: Any) -> None:
+        legends.append([t.get_text() for t in fig.axes[0].get_legend().get_texts()])
+        styles.append([line.get_linestyle() for line in fig.axes[0].get_lines()])
+        close(fig)
+
+    monkeypatch.setattr(plt, "close", keep)
+    plot_records([failed, records[1]], tmp_path / "again")
+    assert legends == [["none (FAILED 2/6 agents)", "static:2"]]
+    assert styles == [["--", "-"]]
+
+
+def test_cli_bench_with_failed_agents_writes_every_record_and_exits_1(
+    tiny_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "records.jsonl"
+    argv = ["bench", "--workload", str(tiny_file), "--policy", "none", "--policy", "static:3"]
+    code = cli.main([*argv, "--sim-preset", "test-tiny", *FAULTS, "--json", str(out)])
+    assert code == 1
+    written = load_records(out)
+    assert [(r["policy"], r["status"], r["agents_failed"]) for r in written] == [
+        ("none", "failed", 2),
+        ("static:3", "failed", 2),
+    ]
+    assert {r["backend"] for r in written} == {"sim:test-tiny+faults"}
+    err = capsys.readouterr().err
+    assert "| none | FAILED 2/6 agents | - | - | - |" in err
+    assert (
+        "concur bench: error: runs with failed agents, not comparable: none (FAILED 2/6 "
+        f"agents), static:3 (FAILED 2/6 agents). First error: {FIRST_ERROR}. Every record is "
+        'written (status "failed"); exit status 1.'
+    ) in err
+
+    # --quiet drops the table, never the error.
+    assert cli.main([*argv, "--sim-preset", "test-tiny", *FAULTS, "--json", "-", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().splitlines()) == 2
+    assert "| workload |" not in captured.err
+    assert "runs with failed agents, not comparable: none (FAILED 2/6 agents)" in captured.err
+
+
+def test_cli_bench_refuses_a_workload_longer_than_max_model_len(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The command of issue 12: every agent of light-8 outgrew cpu-tiny and it exited 0.
+    argv = ["bench", "--workload", "light-8", "--policy", "none", "--policy", "auto"]
+    assert cli.main([*argv, "--sim-preset", "cpu-tiny", "--json", "-"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(
+        "concur bench: error: workload light-8: an agent's context can reach 9,144 tokens"
+    )
+    assert "but the server's max_model_len is 2048 (sim preset cpu-tiny)" in captured.err

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
 import pytest
 
 from concur_langgraph._errors import ConfigError
@@ -15,10 +22,19 @@ from concur_langgraph.bench._runner import (
     UrlBackend,
     run_benchmark,
     run_one,
+    sweep_summary,
 )
-from concur_langgraph.bench._workload import Workload
+from concur_langgraph.bench._workload import Workload, load_workload
+from concur_langgraph.sim import Faults
 
 TINY = SimBackend.preset("test-tiny")
+# The server answers the first two chat calls with a 400 (the client does not retry on the
+# simulator): two agents of the batch fail, as every agent did when light-8 outgrew cpu-tiny.
+FAULTY = SimBackend(
+    config=TINY.config,
+    name="test-tiny",
+    faults=Faults(chat="error", chat_status=400, chat_next=2),
+)
 
 
 def _without_wall(record: dict[str, object]) -> dict[str, object]:
@@ -40,6 +56,7 @@ def test_record_is_complete_and_repeatable(tiny_workload: Workload, policy: str)
     assert first["agents_ok"] == tiny_workload.agents
     assert first["agents_failed"] == 0
     assert first["errors"] == []
+    assert first["status"] == "ok"
     assert first["generated_tokens"] == sum(sum(p.output_tokens) for p in plans)
     assert first["llm_calls"] == sum(p.steps for p in plans)
     assert first["tokens_per_s"] == pytest.approx(first["generated_tokens"] / first["makespan_s"])
@@ -117,3 +134,105 @@ def test_url_backend_validates() -> None:
     with pytest.raises(ConfigError, match="url: expected an http"):
         UrlBackend(url="localhost:8000")
     assert UrlBackend(url="http://h:1/v1/").root == "http://h:1"
+
+
+def test_a_workload_that_cannot_fit_is_refused_before_running(tiny_workload: Workload) -> None:
+    short = SimBackend(
+        config=dataclasses.replace(TINY.config, max_model_len=200), name="short.json"
+    )
+    # 16 + 20 + 4 x 15 + 3 x 30 + 10 x 8 = 266 tokens at the maxima.
+    with pytest.raises(ConfigError) as refused:
+        run_benchmark(tiny_workload, ["none", "static-sweep"], short)
+    message = str(refused.value)
+    assert message.startswith("workload tiny: an agent's context can reach 266 tokens")
+    assert "the server's max_model_len is 200 (sim config short.json)" in message
+    with pytest.raises(ConfigError, match=r"max_model_len is 2048 \(sim preset cpu-tiny\)"):
+        run_one(load_workload("light-8"), "none", SimBackend.preset("cpu-tiny"))
+
+
+def test_failed_agents_mark_the_record_failed(tiny_workload: Workload) -> None:
+    record = run_one(tiny_workload, "none", FAULTY)
+    assert record["backend"] == "sim:test-tiny+faults"
+    assert record["status"] == "failed"
+    assert (record["agents_ok"], record["agents_failed"]) == (4, 2)
+    # Distinct errors: two agents failed the same way, the record says it once.
+    assert record["errors"] == ["OpenAIInvalidRequestError: Error code: 400 - injected fault"]
+    # The four others ran to the end; the failed ones stop counting as active when they fail.
+    assert record["series"]["finished"][-1] == 4
+    assert record["series"]["active"][-1] == 0
+    plans = tiny_workload.plans()
+    assert record["llm_calls"] == sum(p.steps for p in plans) - sum(p.steps for p in plans[:2])
+
+
+def test_a_sweep_whose_every_window_failed_has_no_best(tiny_workload: Workload) -> None:
+    records = run_benchmark(tiny_workload, ["static-sweep"], FAULTY, sweep=[1, 3])
+    assert [r["policy"] for r in records] == ["static:1", "static:3", "static-sweep"]
+    assert all(r["status"] == "failed" for r in records)
+    summary = records[-1]
+    assert set(RECORD_KEYS) <= set(summary)
+    assert summary["best_k"] is None
+    assert summary["makespan_s"] is None and summary["tokens_per_s"] is None
+    assert summary["agents_ok"] is None and summary["series"] is None
+    assert summary["sweep"] == {"static:1": None, "static:3": None}
+    assert summary["errors"] == records[0]["errors"]
+
+
+def _run(policy: str, makespan: float, failed: int) -> dict[str, Any]:
+    status = "failed" if failed else "ok"
+    return {"policy": policy, "makespan_s": makespan, "agents_failed": failed, "status": status}
+
+
+def test_sweep_summary_never_picks_a_failed_window() -> None:
+    runs = [_run("static:2", 5.0, 3), _run("static:4", 9.0, 0), _run("static:8", 7.0, 0)]
+    summary = sweep_summary(runs)
+    assert summary["best_k"] == 8 and summary["makespan_s"] == 7.0
+    assert summary["status"] == "ok"
+    # A failed window's makespan compares to nothing: it is left out of the sweep.
+    assert summary["sweep"] == {"static:2": None, "static:4": 9.0, "static:8": 7.0}
+    # Records written before `status` existed: a failed agent makes the run failed.
+    old = [{k: v for k, v in r.items() if k != "status"} for r in runs]
+    assert sweep_summary(old)["best_k"] == 8
+
+
+@pytest.fixture
+def models_server() -> Iterator[str]:
+    """A server that only lists one model with ``max_model_len`` 200 (as vLLM's card does)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path != "/v1/models":
+                self.send_error(404)
+                return
+            body = json.dumps(
+                {"object": "list", "data": [{"id": "tiny", "max_model_len": 200}]}
+            ).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("model", [None, "tiny"])
+def test_a_real_server_refuses_a_workload_longer_than_its_max_model_len(
+    tiny_workload: Workload, models_server: str, model: str | None
+) -> None:
+    backend = UrlBackend(url=models_server, model=model)
+    with pytest.raises(ConfigError) as refused:
+        run_one(tiny_workload, "none", backend)
+    message = str(refused.value)
+    assert message.startswith("workload tiny: an agent's context can reach 266 tokens")
+    assert f"max_model_len is 200 (vllm:{models_server}, from its /v1/models)" in message

@@ -142,3 +142,20 @@ def test_paper_256_matches_the_papers_setting() -> None:
     ]
     assert max(finals) > 20_000
     assert sorted(finals)[len(finals) // 2] > 10_000
+
+
+def test_check_fits_refuses_a_workload_longer_than_max_model_len_naming_both() -> None:
+    work = load_workload("light-8")
+    # 500 + 300 + 8 x 150 + 7 x 1000 + (2 x 8 + 2) x 8: every distribution at its maximum.
+    assert work.max_context_tokens() == 9_144
+    work.check_fits(9_144, server="sim preset x")  # fits exactly: no error
+    with pytest.raises(ConfigError) as refused:
+        work.check_fits(2048, server="sim preset cpu-tiny")
+    assert str(refused.value).startswith(
+        "workload light-8: an agent's context can reach 9,144 tokens (system 500 + task 300 "
+        "+ 8 steps x output 150 + 7 tool calls x observation 1,000 + 18 messages x 8 template "
+        "tokens, the maxima of the workload's distributions) but the server's max_model_len "
+        "is 2048 (sim preset cpu-tiny)"
+    )
+    with pytest.raises(ConfigError, match="max_model_len is 9143 "):
+        work.check_fits(9_143, server="sim preset x")
