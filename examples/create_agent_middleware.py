@@ -2,8 +2,10 @@
 
     python examples/create_agent_middleware.py --url http://127.0.0.1:8000 --model tiny
 
-The tiny test model does not call tools, so each agent here answers in one model call; with a
-real model the middleware gates every model call of the agent's loop.
+The middleware gates every model call of the agent's loop. Against the simulator started with
+`concur sim serve --tool-call-turns 1-3` each agent calls the `lookup` tool one to three times
+before it answers (seeded per agent); the random-weight test model of a real vLLM never calls
+tools, so there each agent answers in one model call.
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ EXAMPLES = ["wrapper_abatch", "callback_handler", "create_agent_middleware", "ga
 
 @pytest.fixture(scope="module")
 def sim_url() -> Iterator[str]:
-    with served_simulator("--preset", "test-tiny") as sim:
+    # Tool-calling turns, so the create_agent example runs its whole tool loop (the others
+    # bind no tools and are not affected).
+    with served_simulator("--preset", "test-tiny", "--tool-call-turns", "1-3") as sim:
         yield sim.url
 
 
@@ -34,3 +36,7 @@ def test_example_runs_every_agent_to_the_end(name: str, sim_url: str) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "6 agents finished, 0 failed" in out.stdout
+    if name == "create_agent_middleware":
+        # Each agent called its tool at least once: more model calls than agents were gated.
+        calls = int(out.stdout.split("LLM calls gated: ")[1].split(",")[0])
+        assert 6 * 2 <= calls <= 6 * 4

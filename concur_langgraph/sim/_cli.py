@@ -6,6 +6,10 @@
   override the preset; ``--config`` is a JSON object of :class:`SimConfig` fields applied on
   top of the preset (``"cost"`` may hold some :class:`CostModel` fields; ``"preset"`` names the
   base preset when ``--preset`` is not given). ``concur sim calibrate --out`` writes such a file.
+* ``concur sim serve ... --tool-call-turns N`` (or ``LEAST-MOST``) makes the server answer
+  requests that bind tools with ``tool_choice`` ``"auto"`` with that many tool-calling turns
+  per user request before a text answer (``SimConfig.tool_call_turns``; docs/simulator.md,
+  "Tool calls"). The default, 0, never calls a tool unasked.
 * ``concur sim presets`` prints the presets and their key numbers.
 * ``concur sim calibrate --url URL [--preset NAME] [--out FILE.json]`` fits the step-time
   constants to a live vLLM-compatible server (``_calibrate.py``), combines them with the KV
@@ -36,7 +40,13 @@ from concur_langgraph.sim._cost import CostModel
 from concur_langgraph.sim._faults import FaultInjector, Faults, parse_fault_setting
 from concur_langgraph.sim._presets import PRESETS, get_preset
 
-__all__ = ["config_from_json", "faults_from_settings", "load_config", "register"]
+__all__ = [
+    "config_from_json",
+    "faults_from_settings",
+    "load_config",
+    "parse_tool_call_turns",
+    "register",
+]
 
 # CLI flag -> SimConfig field, for the sizes people change most.
 _SIZE_FLAGS = (
@@ -131,6 +141,22 @@ def config_to_json(config: SimConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def parse_tool_call_turns(text: str) -> tuple[int, int]:
+    """``--tool-call-turns``: ``"N"`` (exactly N) or ``"LEAST-MOST"``."""
+    least, sep, most = text.strip().partition("-")
+    try:
+        turns = (int(least), int(most) if sep else int(least))
+    except ValueError:
+        raise ConfigError(
+            f"--tool-call-turns must be N or LEAST-MOST (integers >= 0), got {text!r}"
+        ) from None
+    if turns[0] < 0 or turns[0] > turns[1]:
+        raise ConfigError(
+            f"--tool-call-turns must be N or LEAST-MOST with 0 <= LEAST <= MOST, got {text!r}"
+        )
+    return turns
+
+
 def faults_from_settings(settings: list[str] | None) -> Faults:
     """The :class:`Faults` of ``--fault FIELD=VALUE`` options (later ones win)."""
     fields = dict(parse_fault_setting(text) for text in settings or ())
@@ -147,6 +173,8 @@ def _serve(args: argparse.Namespace) -> int:
         if getattr(args, field) is not None
     }
     try:
+        if args.tool_call_turns is not None:
+            overrides["tool_call_turns"] = parse_tool_call_turns(args.tool_call_turns)
         config = load_config(args.preset, args.config, overrides)
         faults = faults_from_settings(args.fault)
     except ConfigError as exc:
@@ -270,6 +298,13 @@ def register(subparsers: Any) -> None:
     )
     for flag, field, kind, text in _SIZE_FLAGS:
         serve.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    serve.add_argument(
+        "--tool-call-turns",
+        metavar="N|LEAST-MOST",
+        help="tool-calling turns per user request when tools are bound with tool_choice "
+        "auto (default 0: text answers); each conversation draws its count in the range, "
+        "seeded. See docs/simulator.md, 'Tool calls'",
+    )
     serve.add_argument(
         "--fault",
         action="append",

@@ -64,6 +64,13 @@ class SimConfig:
     request_overhead_after_share: float = 0.0
     """Part of a completion's overhead spent after the engine finished it (response building,
     transfer, client-side parsing); the rest is spent before it reaches the engine."""
+    tool_call_turns: tuple[int, int] = (0, 0)
+    """``(least, most)`` tool-calling turns per user request when the request binds tools
+    with ``tool_choice`` ``"auto"`` (or none given): the server answers that many turns with a
+    tool call, then with text. Each conversation's count is drawn in this range from a hash of
+    ``seed`` and its last user message (docs/simulator.md, "Tool calls"). The default ``(0,
+    0)`` never calls a tool unasked, as the random-weight model of the real tier does;
+    ``"required"`` or a named function always gets a call whatever this says."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name.strip():
@@ -124,6 +131,22 @@ class SimConfig:
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
             raise ConfigError(
                 f"SimConfig.request_overhead_after_share must be a number in [0, 1], got {share!r}"
+            )
+
+        turns = self.tool_call_turns
+        if isinstance(turns, list):
+            # A JSON config file (config_to_json writes tuples as lists).
+            turns = tuple(turns)
+            object.__setattr__(self, "tool_call_turns", turns)
+        if not (
+            isinstance(turns, tuple)
+            and len(turns) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in turns)
+            and turns[0] <= turns[1]
+        ):
+            raise ConfigError(
+                "SimConfig.tool_call_turns must be a (least, most) pair of integers with "
+                f"0 <= least <= most, got {turns!r}"
             )
 
     def request_overhead(self, in_flight: int) -> tuple[float, float]:

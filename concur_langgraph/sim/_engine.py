@@ -89,6 +89,24 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _place_tail(
+    length: int, max_tokens: int, min_tokens: int, ignore_eos: bool
+) -> tuple[int, bool, int]:
+    """Output length, whether it ends at EOS, and where a forced tail of ``length`` ids starts.
+
+    The tail is what the model says last (a tool call): it ends the output, followed by EOS
+    unless ``ignore_eos``. Free tokens come before it only where the request demands more:
+    ``ignore_eos`` fills the output to ``max_tokens``, ``min_tokens`` holds EOS back. When
+    ``max_tokens`` cannot hold the tail (and EOS), the output is the tail's first ids, cut.
+    """
+    if ignore_eos:
+        return max_tokens, False, max(0, max_tokens - length)
+    natural = max(min_tokens, length + 1)
+    if natural <= max_tokens:
+        return natural, True, natural - length - 1
+    return max_tokens, False, 0
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestOutput:
     """What a finished request produced."""
@@ -194,6 +212,8 @@ class SimRequest:
         "_seed",
         "_state",
         "_stop",
+        "_tail",
+        "_tail_start",
         "_target",
         "_version",
         "_watchers",
@@ -214,6 +234,7 @@ class SimRequest:
         ignore_eos: bool,
         arrival: float,
         future: asyncio.Future[RequestOutput],
+        output_tail: tuple[int, ...] = (),
     ) -> None:
         self._engine = engine
         self.request_id = request_id
@@ -224,7 +245,13 @@ class SimRequest:
         cfg = engine.config
         self._seed = _mix(hash(prompt) ^ _mix(cfg.seed))
         target, stop = max_tokens, False
-        if not ignore_eos:
+        self._tail = output_tail
+        self._tail_start = 0
+        if output_tail:
+            target, stop, self._tail_start = _place_tail(
+                len(output_tail), max_tokens, min_tokens, ignore_eos
+            )
+        elif not ignore_eos:
             u = (_mix(self._seed ^ _EOS_SALT) >> 11) / float(1 << 53)
             eos_len = max(1, min_tokens, math.ceil(-cfg.eos_mean_tokens * math.log1p(-u)))
             if eos_len <= max_tokens:
@@ -257,6 +284,12 @@ class SimRequest:
     def prompt_token_ids(self) -> tuple[int, ...]:
         """The prompt."""
         return self._prompt
+
+    @property
+    def output_tail_start(self) -> int | None:
+        """Where the ``output_tail`` given to :meth:`SimEngine.add_request` starts in the
+        output (it runs to the end, EOS aside, or is cut by ``max_tokens``); None without one."""
+        return self._tail_start if self._tail else None
 
     @property
     def finished(self) -> bool:
@@ -312,6 +345,10 @@ class SimRequest:
         offset = seed & _TABLE_MASK
         stride = ((seed >> 16) & _TABLE_MASK) | 1
         out = [table[(offset + i * stride) & _TABLE_MASK] for i in range(start, stop)]
+        if self._tail:
+            tail, first = self._tail, self._tail_start
+            for i in range(max(start, first), min(stop, first + len(tail))):
+                out[i - start] = tail[i - first]
         if self._stop and stop == self._target and stop > start:
             out[-1] = EOS_TOKEN_ID
         return out
@@ -440,8 +477,16 @@ class SimEngine:
         min_tokens: int = 0,
         ignore_eos: bool = False,
         request_id: str | None = None,
+        output_tail: list[int] | tuple[int, ...] = (),
     ) -> SimRequest:
-        """Queue a request; must be called from a running event loop."""
+        """Queue a request; must be called from a running event loop.
+
+        ``output_tail`` forces the last ids of the output (the server puts a tool call
+        there): the request generates free ids, then these, then EOS unless ``ignore_eos``.
+        Its length then follows the tail, not the EOS draw: just the tail and EOS, or more
+        where ``min_tokens`` or ``ignore_eos`` ask for it, or the tail's head cut at
+        ``max_tokens`` (see :attr:`SimRequest.output_tail_start`).
+        """
         cfg = self.config
         prompt = tuple(prompt_token_ids)
         if not prompt:
@@ -462,6 +507,12 @@ class SimEngine:
                 f"max_tokens ({max_tokens}) is too large: the prompt has {len(prompt)} tokens "
                 f"and max_model_len is {cfg.max_model_len}"
             )
+        tail = tuple(output_tail)
+        if any(
+            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size
+            for t in tail
+        ):
+            raise ConfigError(f"output_tail must hold token ids in [0, {cfg.vocab_size})")
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
             while request_id in self._requests:
@@ -480,6 +531,7 @@ class SimEngine:
             ignore_eos=ignore_eos,
             arrival=loop.time(),
             future=loop.create_future(),
+            output_tail=tail,
         )
         self._requests[request_id] = req
         self._waiting.append(req)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
@@ -15,7 +16,9 @@ from _integration_support import (
     work_tool,
 )
 from langchain.agents import create_agent
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 
 from concur_langgraph import vtime
@@ -23,6 +26,7 @@ from concur_langgraph._callbacks import ConcurCallbackHandler
 from concur_langgraph._errors import SyncInvocationError
 from concur_langgraph._laws import FixedLaw
 from concur_langgraph._middleware import ConcurMiddleware
+from concur_langgraph.sim import SimServer, get_preset
 
 STEPS = 2
 
@@ -137,3 +141,65 @@ def test_sync_invoke_raises_a_clear_error() -> None:
     agent = _agent(Tracker(), middleware)
     with pytest.raises(SyncInvocationError, match=r"use `await agent\.ainvoke\(\.\.\.\)`"):
         agent.invoke(inputs(1)[0])
+
+
+def test_create_agent_with_tools_runs_to_its_answer_against_the_simulator() -> None:
+    """ChatOpenAI on the simulator, which answers bound tools with tool calls: each agent loops
+    model -> tools -> model as with a real tool-calling model, and the gate bounds it."""
+    ran: list[str] = []
+
+    @tool
+    async def lookup(query: str) -> str:
+        """Look something up."""
+        await asyncio.sleep(1.0)
+        ran.append("lookup")
+        return f"nothing found for {query}"
+
+    @tool
+    async def add(a: int, b: int) -> int:
+        """Add two integers."""
+        await asyncio.sleep(0.5)
+        ran.append("add")
+        return a + b
+
+    async def main() -> tuple[list[Any], int, Any]:
+        config = dataclasses.replace(get_preset("test-tiny"), tool_call_turns=(1, 3))
+        async with SimServer(config) as server:
+            middleware = ConcurMiddleware(law=FixedLaw(2))
+            agent = create_agent(
+                server.chat_model(max_tokens=16), [lookup, add], middleware=[middleware]
+            )
+            seen = 0
+            done = asyncio.Event()
+
+            async def watch() -> None:
+                nonlocal seen
+                while not done.is_set():
+                    metrics = server.engine.metrics()
+                    seen = max(seen, metrics.num_requests_running + metrics.num_requests_waiting)
+                    await asyncio.sleep(0.001)
+
+            watcher = asyncio.create_task(watch())
+            try:
+                async with middleware:
+                    inputs = [{"messages": [HumanMessage(f"question {i}")]} for i in range(6)]
+                    results = await agent.abatch(inputs)
+            finally:
+                done.set()
+                await watcher
+            return results, seen, middleware.statistics().gate
+
+    results, seen, stats = vtime.run(main())
+    assert len(results) == 6
+    calls = 0
+    for result in results:
+        answers = [m for m in result["messages"] if isinstance(m, AIMessage)]
+        observations = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+        assert 2 <= len(answers) <= 4  # one to three tool calls, then the answer
+        assert answers[-1].tool_calls == [] and all(a.tool_calls for a in answers[:-1])
+        assert len(observations) == len(answers) - 1
+        assert all(o.status == "success" for o in observations)
+        calls += len(answers)
+    assert sorted(set(ran)) == ["add", "lookup"] and len(ran) == calls - 6
+    assert seen <= 2
+    assert (stats.window.holders, stats.completed, stats.llm_calls) == (0, 6, calls)

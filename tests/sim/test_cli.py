@@ -92,6 +92,7 @@ def test_presets_lists_every_preset_with_its_numbers(capsys: pytest.CaptureFixtu
         (["--preset", "test-tiny", "--max-model-len", "4096"], "max_model_len"),
         ([], "missing SimConfig field(s) model_name"),
         (["--preset", "test-tiny", "--port", "70000"], "--port"),
+        (["--preset", "test-tiny", "--tool-call-turns", "3-1"], "--tool-call-turns"),
     ],
 )
 def test_serve_refuses_bad_input_naming_the_field(
@@ -116,6 +117,11 @@ def test_config_file_overrides_and_round_trips(tmp_path: Path) -> None:
     dumped.write_text(json.dumps(config_to_json(config)))
     assert load_config(None, str(dumped)) == config
     assert config_from_json(config_to_json(config), base) == config
+    # A pair survives JSON (as a list) and comes back as the pair.
+    turns = load_config("test-tiny", None, {"tool_call_turns": (1, 3)})
+    dumped.write_text(json.dumps(config_to_json(turns)))
+    assert load_config(None, str(dumped)) == turns
+    assert turns.tool_call_turns == (1, 3)
 
 
 @pytest.mark.parametrize(

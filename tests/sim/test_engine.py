@@ -342,6 +342,71 @@ def test_outputs_stream_and_respect_eos_settings() -> None:
     assert any(reason == "stop" for reason, _ in ends)
 
 
+TAIL = (901, 902, 903, 904)
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "min_tokens", "ignore_eos", "expected"),
+    [
+        # The tail, then EOS: no free tokens, whatever the EOS draw says.
+        (30, 0, False, ([*TAIL, EOS_TOKEN_ID], "stop", 0)),
+        # min_tokens holds EOS back: free tokens before the tail.
+        (30, 8, False, ([-1, -1, -1, *TAIL, EOS_TOKEN_ID], "stop", 3)),
+        # ignore_eos: exactly max_tokens, the tail last, no EOS.
+        (10, 0, True, ([-1] * 6 + list(TAIL), "length", 6)),
+        # Room for the tail but not for EOS.
+        (4, 0, False, (list(TAIL), "length", 0)),
+        # Too little room: the tail's head, cut.
+        (3, 0, False, (list(TAIL[:3]), "length", 0)),
+        (2, 0, True, (list(TAIL[:2]), "length", 0)),
+    ],
+)
+def test_an_output_tail_ends_the_output(
+    max_tokens: int, min_tokens: int, ignore_eos: bool, expected: tuple[list[int], str, int]
+) -> None:
+    async def main() -> tuple[list[int], tuple[int, ...], str, int | None, EngineMetrics]:
+        engine = SimEngine(config(eos_mean_tokens=1000.0), fast_forward=False)
+        req = engine.add_request(
+            tokens(3, 40),
+            max_tokens=max_tokens,
+            min_tokens=min_tokens,
+            ignore_eos=ignore_eos,
+            output_tail=TAIL,
+        )
+        streamed = [t async for t in req.stream()]
+        out = await req.result()
+        metrics = engine.metrics()
+        await engine.aclose()
+        return streamed, out.output_token_ids, out.finish_reason, req.output_tail_start, metrics
+
+    streamed, output, reason, start, metrics = run(main)
+    ids, want_reason, want_start = expected
+    assert streamed == list(output)
+    assert len(output) == len(ids)
+    assert all(want in (-1, got) for want, got in zip(ids, output, strict=True))
+    assert EOS_TOKEN_ID not in output[: len(ids) - 1]
+    assert (reason, start) == (want_reason, want_start)
+    assert metrics.generation_tokens == len(ids)
+
+
+def test_an_output_tail_is_cached_for_the_next_turn_and_checked() -> None:
+    async def main() -> tuple[int, int]:
+        engine = SimEngine(config())
+        prompt = tokens(4, 40)
+        first = await engine.add_request(prompt, max_tokens=20, output_tail=TAIL).result()
+        again = [*prompt, *first.output_token_ids, *tokens(5, 20)]
+        second = await engine.add_request(again, max_tokens=4, ignore_eos=True).result()
+        with pytest.raises(ConfigError, match="output_tail"):
+            engine.add_request(prompt, max_tokens=4, output_tail=(1 << 20,))
+        await engine.aclose()
+        return len(prompt) + len(first.output_token_ids), second.cached_tokens
+
+    computed, cached = run(main)
+    # Prompt and answer (tail and EOS) were computed but for the last token: their full blocks
+    # are the next turn's hits, so the tail's ids were the request's own.
+    assert cached == (computed - 1) // 16 * 16
+
+
 def test_a_stream_gets_tokens_step_by_step_even_mid_fast_forward() -> None:
     async def main() -> list[float]:
         # Blocks of 128: without the cut, one fast-forwarded run would last to the finish.
@@ -544,6 +609,11 @@ def test_fast_forward_gives_the_single_step_timeline() -> None:
         ({"request_overhead_after_share": 1.5}, "request_overhead_after_share"),
         ({"request_overhead_after_share": -0.1}, "request_overhead_after_share"),
         ({"request_overhead_after_share": True}, "request_overhead_after_share"),
+        ({"tool_call_turns": (2, 1)}, "tool_call_turns"),
+        ({"tool_call_turns": (-1, 1)}, "tool_call_turns"),
+        ({"tool_call_turns": (1,)}, "tool_call_turns"),
+        ({"tool_call_turns": 2}, "tool_call_turns"),
+        ({"tool_call_turns": (True, 2)}, "tool_call_turns"),
     ],
 )
 def test_bad_config_is_refused_naming_the_field(changes: dict[str, Any], field: str) -> None:
