@@ -103,9 +103,14 @@ class Gate:
         agent = self._agents.get(agent_id)
         return agent is not None and agent.permit is not None and not agent.permit.released
 
-    async def before_llm_call(self, agent_id: str) -> None:
-        """Wait until ``agent_id`` may send its next LLM call (see the module docstring)."""
-        self._llm_calls += 1
+    async def before_llm_call(self, agent_id: str, *, llm_call: bool = True) -> None:
+        """Wait until ``agent_id`` may send its next LLM call (see the module docstring).
+
+        ``llm_call=False`` admits without a call of its own (the gate node, which the LLM call
+        after it passes on the fast path): it counts in neither ``llm_calls`` nor ``max_rps``.
+        """
+        if llm_call:
+            self._llm_calls += 1
         agent = self._agents.get(agent_id)
         if agent is None:
             agent = self._agents[agent_id] = _Agent()
@@ -126,7 +131,7 @@ class Gate:
                 agent.permit = None
                 agent.parked = True
             await self._acquire(agent_id, agent)
-        if self._limiter is not None:
+        if self._limiter is not None and llm_call:
             await self._limiter.acquire()
 
     async def _acquire(self, agent_id: str, agent: _Agent) -> None:

@@ -70,7 +70,8 @@ def gate_node() -> Callable[[Any, RunnableConfig], Awaitable[None]]:
                 "thread_id: the gate node tells agents apart by config['configurable']"
                 "['thread_id']; give each run its own thread_id (ConcurGate does this for you)"
             )
-        await handler.session.gate.before_llm_call(agent_id)
+        # Admission only: the LLM call that follows is the one counted (and rate-limited).
+        await handler.session.gate.before_llm_call(agent_id, llm_call=False)
 
     admit.__name__ = "concur_admit"
     return admit

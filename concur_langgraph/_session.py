@@ -27,10 +27,11 @@ leader that dies is replaced within the leadership lease (``docs/distributed.md`
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypedDict
 
@@ -154,6 +155,21 @@ class SessionOptions:
     ``0`` picks a free port (``ConcurSession.metrics_url`` says which). ``None``: no export.
     Loopback only: the numbers are for a scraper or ``concur watch`` on the same host. Off by
     default because a port is a resource two batches on one host would fight over."""
+
+    @classmethod
+    def from_kwargs(cls, options: Mapping[str, Any]) -> SessionOptions:
+        """The options given as keywords; an unknown name is a :class:`ConfigError` naming it
+        and the options there are (the dataclass alone would raise a bare ``TypeError``)."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            name = unknown[0]
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{name}: not an option{hint}; the options are {', '.join(sorted(known))}"
+            )
+        return cls(**options)
 
     def __post_init__(self) -> None:
         url = self.vllm_url
@@ -296,7 +312,7 @@ class ConcurSession:
 
     def __init__(self, options: SessionOptions | None = None, **kwargs: Any) -> None:
         if options is None:
-            options = SessionOptions(**kwargs)
+            options = SessionOptions.from_kwargs(kwargs)
         elif kwargs:
             raise ConfigError("options: give a SessionOptions or keywords, not both")
         self.options = options

@@ -147,12 +147,20 @@ def agent_configs(
 
 
 async def _settle(tasks: Sequence[asyncio.Task[Any]]) -> None:
-    """Cancel what is still running and wait until every task has finished unwinding."""
+    """Cancel what is still running and wait until every task has finished unwinding.
+
+    The outcomes nobody will read (the failures after the one raised, the results after the
+    caller left) are retrieved here, so asyncio does not print each failure's traceback as
+    "Task exception was never retrieved" when the task is collected.
+    """
     for task in tasks:
         if not task.done():
             task.cancel()
     if tasks:
         await asyncio.wait(tasks)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()
 
 
 class ConcurGate:
@@ -201,7 +209,7 @@ class ConcurGate:
             graph = graph.copy(update={"checkpointer": checkpointer})
         self.graph = graph
         # Validated now, so a bad option fails at construction, not at the first batch.
-        self.options = SessionOptions(vllm_url=vllm_url, law=law, **options)
+        self.options = SessionOptions.from_kwargs({"vllm_url": vllm_url, "law": law, **options})
         self._session: ConcurSession | None = None
         self._handler: ConcurCallbackHandler | None = None
         self._last_session: ConcurSession | None = None
@@ -439,7 +447,10 @@ class ConcurGate:
     ) -> AsyncIterator[tuple[int, Any]]:
         inputs = list(inputs)
         if not inputs:
-            return
+            # Still a session, started and stopped: a bad URL fails here as for any batch, and
+            # statistics() describes this (empty) batch rather than nothing.
+            async with self._using():
+                return
         configs = agent_configs(config, len(inputs), batch_id=batch_id)
         plans = await self._plans(inputs, configs, batch_id, kwargs)
         async with self._using() as (session, handler):

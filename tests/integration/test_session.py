@@ -92,6 +92,29 @@ def test_bad_options_name_their_field(options: dict[str, Any], message: str) -> 
         SessionOptions(**options)
 
 
+@pytest.mark.parametrize("way_in", ["gate", "handler", "middleware", "session"])
+def test_an_unknown_option_is_a_config_error_naming_it_and_the_options(way_in: str) -> None:
+    from concur_langgraph import ConcurCallbackHandler, ConcurMiddleware
+
+    build = {
+        "gate": lambda **kw: ConcurGate(
+            tool_loop_graph(ScriptedChatModel(tracker=Tracker()), []), **kw
+        ),
+        "handler": ConcurCallbackHandler,
+        "middleware": ConcurMiddleware,
+        "session": ConcurSession,
+    }[way_in]
+    with pytest.raises(
+        ConfigError,
+        match=r"^vlm_url: not an option \(did you mean 'vllm_url'\?\); the options are .*interval_s.*vllm_url",
+    ):
+        build(law=FixedLaw(2), vlm_url="http://127.0.0.1:8000")
+    with pytest.raises(
+        ConfigError, match=r"^colour: not an option; the options are admission_timeout_s, "
+    ):
+        build(law=FixedLaw(2), colour="blue")
+
+
 def test_a_fixed_law_sets_the_window_from_the_start_within_bounds() -> None:
     assert ConcurSession(law=FixedLaw(6)).window.limit == 6
     assert ConcurSession(law=FixedLaw(6), max_window=4).window.limit == 4

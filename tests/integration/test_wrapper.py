@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -154,6 +156,39 @@ def test_without_return_exceptions_the_failure_is_raised_and_nothing_keeps_runni
     assert stats is not None
     assert (stats.gate.window.holders, stats.gate.active, stats.gate.waiting) == (0, 0, 0)
     assert len(tracker.finished) < 6
+
+
+def test_the_other_failures_are_retrieved_so_asyncio_reports_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Four agents fail at the same moment: the first failure is raised, and the three others
+    are retrieved, not left for asyncio to print as "Task exception was never retrieved"."""
+    tracker = Tracker()
+    failing = frozenset(f"agent-{i}" for i in range(4))
+    gate = ConcurGate(_tool_loop(tracker, failing=failing), law=FixedLaw(4))
+
+    async def main() -> None:
+        with pytest.raises(AgentFailure):
+            await gate.abatch(inputs(4))
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        vtime.run(main())
+        gc.collect()  # an unretrieved task exception is reported when the task is collected
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
+def test_an_empty_batch_returns_nothing_and_has_statistics() -> None:
+    gate = ConcurGate(_tool_loop(Tracker()), law=FixedLaw(2))
+
+    async def main() -> tuple[list[Any], list[Any]]:
+        streamed = [pair async for pair in gate.abatch_as_completed([])]
+        return await gate.abatch([]), streamed
+
+    assert vtime.run(main()) == ([], [])
+    stats = gate.statistics()
+    assert stats is not None
+    assert (stats.gate.completed, stats.gate.llm_calls, stats.gate.window.limit) == (0, 0, 2)
+    assert gate.session is None
 
 
 def test_cancelling_abatch_releases_every_slot() -> None:
