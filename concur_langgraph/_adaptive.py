@@ -32,11 +32,12 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Literal
 
 from ._errors import ConfigError
 from ._profile import BatchProfile
 from ._signals import Sample
+from ._window import OPEN
 
 __all__ = [
     "OPEN",
@@ -49,9 +50,6 @@ __all__ = [
     "TokenBudgetLaw",
     "WorkingSetLaw",
 ]
-
-OPEN: Final = 1 << 20
-"""The window a law returns for "admit everyone" (clamped by the controller to max_window)."""
 
 
 def _is_real(value: object) -> bool:
@@ -1025,6 +1023,7 @@ class AdmitLaw:
     _tokens: float = field(default=0.0, init=False)
     _requests: int = field(default=0, init=False)
     _measured: bool = field(default=True, init=False)
+    _reason: str = field(default="AdmitLaw free: no sample yet: open", init=False)
 
     def __post_init__(self) -> None:
         if self.warm is not None and not isinstance(self.warm, BatchProfile):
@@ -1156,6 +1155,21 @@ class AdmitLaw:
         if secs > 0:
             self._rate = max(self._rate, sum(t for _, t in self._prefill) / secs)
 
+    def explain(self, window: int, sample: Sample) -> str:
+        """Why the last :meth:`next_window` returned what it did: the phase and its numbers."""
+        return self._reason
+
+    def _budget_text(self, budget: int, sample: Sample) -> str:
+        footprint = self._budget.last_footprint
+        size = "" if footprint is None else f", {footprint:,.0f} tokens per agent"
+        capacity = sample.kv_capacity_tokens
+        of = "" if capacity is None else f" of {capacity:,} KV tokens"
+        return f"budget {budget} agents (fill {self.fill}{of}{size})"
+
+    def _cost_text(self, excess: int) -> str:
+        cost = self.undo_cost(excess)
+        return f"undoing {excess} agents costs {cost:.1f} s of prefill at {self._rate:,.0f} tok/s"
+
     def next_window(self, window: int, sample: Sample) -> int:
         """One tick (see the class docstring)."""
         dt = sample.interval_s or 0.0
@@ -1166,23 +1180,50 @@ class AdmitLaw:
         queued = counts[1] if counts is not None else 0
         self._measure(sample, admitted, queued)
         self._phase_s += dt
+        open_text = "open" if self._cap is None else f"the warm start's {self._cap} agents"
         if self._phase == "free":
             self._record(dt, sample.generation_tokens)
             self._wait_s = max(0.0, self._wait_s - dt)
             # Unknown rates decide nothing: with every agent admitted at the start, their
             # first calls are in flight whatever the window says until the first prefills end.
             if budget is None or self._wait_s > 0 or self._rate <= 0:
+                why = (
+                    "agents' context sizes not measured yet"
+                    if budget is None
+                    else f"backing off {self._wait_s:.0f} s after a failed trial"
+                    if self._wait_s > 0
+                    else "no prefill measured yet"
+                )
+                self._reason = f"AdmitLaw free: {why}: {open_text}"
                 return self._open()
             if self.undo_cost(admitted - budget) <= self.undo_cost_s:
+                self._reason = (
+                    f"AdmitLaw free: {admitted} admitted, {self._budget_text(budget, sample)}; "
+                    f"{self._cost_text(max(0, admitted - budget))} <= undo_cost_s "
+                    f"{self.undo_cost_s}: {open_text}"
+                )
                 return self._open()
+            over = (
+                f"{self._cost_text(admitted - budget)} > undo_cost_s {self.undo_cost_s}; "
+                f"{self._budget_text(budget, sample)}"
+            )
             if self._phase_s >= self.measure_s:
                 self._baseline = self._goodput()
                 self.trials += 1
                 self._enter("trial")
+                self._reason = (
+                    f"AdmitLaw free -> trial: {over}; trying {budget} against the free goodput "
+                    f"of {self._baseline:,.0f} tok/s"
+                )
             else:
                 self._enter("restricted")
+                self._reason = (
+                    f"AdmitLaw free -> restricted: {over}; no goodput baseline to trial against "
+                    f"yet (under measure_s {self.measure_s} s of running)"
+                )
             return budget
         if budget is None:
+            self._reason = f"AdmitLaw {self._phase}: no KV budget this tick: hold"
             return window
         if self._phase == "trial":
             if not self._settled:
@@ -1193,16 +1234,46 @@ class AdmitLaw:
                     drained or self._phase_s >= self.max_settle_s
                 ):
                     self._settled, self._phase_s = True, 0.0
+                self._reason = (
+                    f"AdmitLaw trial: settling, {admitted} admitted draining to "
+                    f"{self._budget_text(budget, sample)}"
+                )
                 return budget
             self._record(dt, sample.generation_tokens)
             if self._phase_s < self.measure_s:
+                self._reason = (
+                    f"AdmitLaw trial: measuring goodput ({self._phase_s:.1f} of "
+                    f"{self.measure_s} s) at {self._budget_text(budget, sample)}"
+                )
                 return budget
-            if self._goodput() < (1 + self.margin) * self._baseline:
+            goodput = self._goodput()
+            if goodput < (1 + self.margin) * self._baseline:
                 self._wait_s, self._next_wait_s = self._next_wait_s, 2 * self._next_wait_s
                 self._enter("free")
+                self._reason = (
+                    f"AdmitLaw trial -> free: goodput {goodput:,.0f} tok/s < (1 + margin "
+                    f"{self.margin}) x free {self._baseline:,.0f} tok/s: {open_text}, next "
+                    f"trial in {self._wait_s:.0f} s at the earliest"
+                )
                 return self._open()
             self._enter("restricted")
+            self._reason = (
+                f"AdmitLaw trial -> restricted: goodput {goodput:,.0f} tok/s >= (1 + margin "
+                f"{self.margin}) x free {self._baseline:,.0f} tok/s; "
+                f"{self._budget_text(budget, sample)}"
+            )
         elif self.undo_cost(admitted + queued - budget) <= self.undo_cost_s / 2:
             self._enter("free")
+            self._reason = (
+                f"AdmitLaw restricted -> free: {admitted} admitted + {queued} queued, "
+                f"{self._budget_text(budget, sample)}; "
+                f"{self._cost_text(max(0, admitted + queued - budget))} <= undo_cost_s / 2: "
+                f"{open_text}"
+            )
             return self._open()
+        else:
+            self._reason = (
+                f"AdmitLaw restricted: {self._budget_text(budget, sample)}, {admitted} admitted,"
+                f" {queued} queued; growth at most x ramp {self.ramp} per tick"
+            )
         return min(budget, max(window + 1, math.floor(window * self.ramp)))

@@ -20,9 +20,9 @@ from typing import Protocol
 from ._errors import ConfigError, MetricsError
 from ._laws import ControlLaw
 from ._signals import Sample, SignalSource
-from ._window import WindowStatistics
+from ._window import WindowStatistics, window_text
 
-__all__ = ["Controller", "ControllerStatistics", "WindowChange"]
+__all__ = ["Controller", "ControllerStatistics", "WindowChange", "WindowDecision"]
 
 logger = logging.getLogger("concur_langgraph")
 
@@ -48,6 +48,54 @@ class WindowChange:
     """The window after."""
     sample: Sample | None
     """The sample that caused it; ``None`` for the initial window."""
+    reason: str = ""
+    """Why, in words (:attr:`WindowDecision.reason`)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WindowDecision:
+    """What one tick decided, and why: the window kept is a decision too."""
+
+    time: float
+    """When, on the controller's clock (seconds)."""
+    old: int
+    """The window before the tick."""
+    proposed: int | None
+    """What the law returned (``None``: the law was not asked, the metrics were missing)."""
+    new: int
+    """The window after the tick (the law's proposal, capped and clamped)."""
+    reason: str
+    """Why, in words: the law's own account (its phase and the signals that decided it, from
+    its ``explain(window, sample)``), then what the controller changed (demand cap, clamp)."""
+    sample: Sample | None
+    """The sample the decision was made on (``None`` when the metrics were missing)."""
+
+    def __str__(self) -> str:
+        move = (
+            f"{window_text(self.old)} -> {window_text(self.new)}"
+            if self.new != self.old
+            else f"kept at {window_text(self.new)}"
+        )
+        return f"window {move}: {self.reason}"
+
+
+TIMELINE_KEYS = (
+    "t",
+    "window",
+    "kv_usage",
+    "hit_rate",
+    "admitted",
+    "queued",
+    "running",
+    "waiting",
+    "preemptions",
+)
+"""Columns of :meth:`Controller.timeline`: seconds since the start, the window after the tick,
+the server's signals, the agents holding a slot and queued at the gate."""
+
+_TIMELINE_ROWS = 20_000  # even (see _record)
+"""Rows kept before the timeline halves its resolution (every other row dropped, the stride
+doubled): an hours-long batch costs at most a few MB, and a plot needs no more points."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,6 +118,8 @@ class ControllerStatistics:
     """Window changes made by the law (the initial window not counted)."""
     overruns: int
     """Ticks skipped because a tick took longer than ``interval_s`` (slow scrapes)."""
+    last_decision: WindowDecision | None = None
+    """The latest tick's decision and its reason (``None`` before the first tick)."""
 
 
 def _check_count(value: object, field: str, minimum: int) -> int:
@@ -158,6 +208,10 @@ class Controller:
         self._errors = 0
         self._changes = 0
         self._overruns = 0
+        self._decision: WindowDecision | None = None
+        self._timeline: list[tuple[float | int | None, ...]] = []
+        self._stride = 1
+        self._skipped = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -171,6 +225,7 @@ class Controller:
             await self._source.start()
             self._started_at = self._clock()
             await self._set_window(self._initial, sample=None, now=self._started_at)
+            self._timeline.append((0.0, self._window.limit, *[None] * (len(TIMELINE_KEYS) - 2)))
         except BaseException:
             await self._source.aclose()
             raise
@@ -237,7 +292,9 @@ class Controller:
         self._last_sample = sample
         if sample.stale:
             self._hold(
-                now, reason=f"partial or stale metrics (staleness {sample.staleness_s:.1f} s)"
+                now,
+                reason=f"partial or stale metrics (staleness {sample.staleness_s:.1f} s)",
+                sample=sample,
             )
             return sample
         self._recovered(now)
@@ -253,7 +310,9 @@ class Controller:
                 agents_queued=stats.waiting_new + stats.waiting_parked,
             )
             self._last_sample = sample
-        proposed = self._law.next_window(current, sample)
+        law_proposed = self._law.next_window(current, sample)
+        reasons = [_explain(self._law, current, sample, law_proposed)]
+        proposed = law_proposed
         if proposed > current and stats is not None and getattr(self._law, "follows_demand", True):
             # Window validation, as TCP does for an application-limited sender (RFC 7661):
             # grow only up to the agents that want a slot. Slots nobody can use are no evidence
@@ -261,8 +320,29 @@ class Controller:
             # takes several halvings to come back when thrashing starts (a 48-agent batch
             # reached a window of 386 without this).
             demand = stats.holders + stats.waiting_new + stats.waiting_parked
-            proposed = max(current, min(proposed, demand))
-        await self._set_window(self._clamp(proposed), sample=sample, now=now)
+            capped = max(current, min(proposed, demand))
+            if capped != proposed:
+                reasons.append(
+                    f"growth capped at the {demand} agents that hold or want a slot"
+                    if capped == demand
+                    else f"kept at {window_text(current)}: no more agents want a slot"
+                )
+            proposed = capped
+        new = self._clamp(proposed)
+        if new != proposed:
+            bound = "min_window" if new > proposed else "max_window"
+            reasons.append(f"clamped to {bound} {new}")
+        self._decide(
+            WindowDecision(
+                time=now,
+                old=current,
+                proposed=law_proposed,
+                new=new,
+                reason="; ".join(reasons),
+                sample=sample,
+            )
+        )
+        await self._set_window(new, sample=sample, now=now)
         return sample
 
     def _window_statistics(self) -> WindowStatistics | None:
@@ -270,6 +350,45 @@ class Controller:
         # holders and waiters lets the laws see them and caps growth at the demand.
         statistics = getattr(self._window, "statistics", None)
         return None if statistics is None else statistics()  # type: ignore[no-any-return]
+
+    def _decide(self, decision: WindowDecision) -> None:
+        self._decision = decision
+        if decision.new == decision.old:
+            logger.debug("concur %s", decision, extra={"event": "window_kept"})
+        self._record(decision)
+
+    def _record(self, decision: WindowDecision) -> None:
+        self._skipped += 1
+        if self._skipped < self._stride:
+            return
+        self._skipped = 0
+        sample = decision.sample
+        self._timeline.append(
+            (
+                round(decision.time - self._started_at, 6),
+                decision.new,
+                None if sample is None else sample.kv_usage,
+                None if sample is None else sample.prefix_hit_rate,
+                None if sample is None else sample.agents_admitted,
+                None if sample is None else sample.agents_queued,
+                None if sample is None else sample.running,
+                None if sample is None else sample.waiting,
+                None if sample is None else sample.preemptions,
+            )
+        )
+        if len(self._timeline) >= _TIMELINE_ROWS:
+            # An even count: the rows dropped include the newest, so the next row is due
+            # ``stride`` (the old one) ticks from now, keeping the spacing even.
+            del self._timeline[1::2]
+            self._skipped = self._stride
+            self._stride *= 2
+
+    def timeline(self) -> dict[str, list[float | int | None]]:
+        """One row per tick so far (columns :data:`TIMELINE_KEYS`; ``None`` where a tick had
+        no data). Long batches keep every ``2**k``-th tick, so the rows stay under 20,000."""
+        columns = zip(*self._timeline, strict=True) if self._timeline else ()
+        out = {key: list(column) for key, column in zip(TIMELINE_KEYS, columns, strict=True)}
+        return out or {key: [] for key in TIMELINE_KEYS}
 
     def statistics(self) -> ControllerStatistics:
         """A snapshot of the controller's state."""
@@ -284,6 +403,7 @@ class Controller:
             errors=self._errors,
             changes=self._changes,
             overruns=self._overruns,
+            last_decision=self._decision,
         )
 
     # -- helpers ---------------------------------------------------------------------------
@@ -304,23 +424,38 @@ class Controller:
         await self._window.set_limit(new)
         if sample is not None:
             self._changes += 1
+        decision = self._decision if sample is not None else None
+        reason = decision.reason if decision is not None else "the initial window"
         logger.info(
-            "concur window %d -> %d",
-            old,
-            new,
+            "concur window %s -> %s: %s",
+            window_text(old),
+            window_text(new),
+            reason,
             extra={
                 "event": "window_change",
                 "window_old": old,
                 "window_new": new,
+                "reason": reason,
                 "kv_usage": None if sample is None else sample.kv_usage,
                 "prefix_hit_rate": None if sample is None else sample.prefix_hit_rate,
                 "preemptions": None if sample is None else sample.preemptions,
             },
         )
         if self._on_change is not None:
-            self._on_change(WindowChange(time=now, old=old, new=new, sample=sample))
+            self._on_change(WindowChange(time=now, old=old, new=new, sample=sample, reason=reason))
 
-    def _hold(self, now: float, *, reason: str) -> None:
+    def _hold(self, now: float, *, reason: str, sample: Sample | None = None) -> None:
+        window = self._window.limit
+        self._decide(
+            WindowDecision(
+                time=now,
+                old=window,
+                proposed=None,
+                new=window,
+                reason=f"metrics missing, window held: {reason}",
+                sample=sample,
+            )
+        )
         self._stale = True
         self._outage_ticks += 1
         if self._outage_since is not None:
@@ -345,6 +480,19 @@ class Controller:
             ticks,
             extra={"event": "metrics_recovered", "outage_s": duration, "outage_ticks": ticks},
         )
+
+
+def _explain(law: ControlLaw, window: int, sample: Sample, proposed: int) -> str:
+    """The law's account of its decision; for a law without ``explain``, the bare facts."""
+    explain = getattr(law, "explain", None)
+    if explain is not None:
+        return str(explain(window, sample))
+    hit = sample.prefix_hit_rate
+    return (
+        f"{type(law).__name__} returned {window_text(proposed)} (KV usage "
+        f"{sample.kv_usage:.2f}, hit rate {'-' if hit is None else f'{hit:.2f}'}, "
+        f"{sample.waiting} waiting, {sample.preemptions} preemptions)"
+    )
 
 
 async def _stop(task: asyncio.Task[None]) -> BaseException | None:

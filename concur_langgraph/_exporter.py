@@ -37,8 +37,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from ._adaptive import OPEN
 from ._errors import ConfigError
+from ._window import OPEN
 
 if TYPE_CHECKING:
     from ._session import SessionStatistics

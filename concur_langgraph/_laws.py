@@ -22,7 +22,13 @@ class ControlLaw(Protocol):
     """Decides the next window from the current one and the latest sample."""
 
     def next_window(self, window: int, sample: Sample) -> int:
-        """The next window (the controller clamps it to ``[min_window, max_window]``)."""
+        """The next window (the controller clamps it to ``[min_window, max_window]``).
+
+        A law may also define ``explain(window, sample) -> str``: called right after
+        ``next_window`` with the same arguments, it says why, in words (its phase, the signals
+        and numbers that decided). The controller logs it with each window change and keeps it
+        in ``statistics()``; a law without it is described by its result and the signals.
+        """
         ...
 
 
@@ -102,6 +108,33 @@ class ConcurLaw:
                 return math.floor(window * self.beta)
         return window
 
+    def explain(self, window: int, sample: Sample) -> str:
+        """Which branch of Eq. 1 this sample takes, with the numbers that chose it."""
+        usage, hit = sample.kv_usage, sample.prefix_hit_rate
+        kv = f"KV usage {usage:.2f}"
+        if usage < self.u_low:
+            return f"paper's law: {kv} < u_low {self.u_low}: grow by alpha {self.alpha}"
+        if usage <= self.u_high:
+            return (
+                f"paper's law: {kv} in the dead band [u_low {self.u_low}, u_high "
+                f"{self.u_high}]: hold"
+            )
+        if hit is None:
+            verdict = "shrink" if self.no_queries == "decrease" else "hold"
+            return (
+                f"paper's law: {kv} > u_high {self.u_high}, no prefix-cache queries this "
+                f"interval (no_queries={self.no_queries!r}): {verdict}"
+            )
+        if hit < self.h_thresh:
+            return (
+                f"paper's law: {kv} > u_high {self.u_high} and hit rate {hit:.2f} < h_thresh "
+                f"{self.h_thresh} (thrashing): multiply by beta {self.beta}"
+            )
+        return (
+            f"paper's law: {kv} > u_high {self.u_high} but hit rate {hit:.2f} >= h_thresh "
+            f"{self.h_thresh} (prefixes still reused): hold"
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class FixedLaw:
@@ -121,3 +154,7 @@ class FixedLaw:
     def next_window(self, window: int, sample: Sample) -> int:
         """Always ``k``."""
         return self.k
+
+    def explain(self, window: int, sample: Sample) -> str:
+        """A fixed window says so."""
+        return f"fixed window of {self.k} (FixedLaw)"

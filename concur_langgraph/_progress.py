@@ -1,23 +1,32 @@
-"""A live one-line view of a gated batch: agents done/active/parked/waiting, window, KV usage.
+"""A live one-line view of a gated batch, and its summary when it ends.
 
-Refreshed from :meth:`ConcurSession.statistics` by a task owned by the ``async with`` block (no
-thread: rich's own auto-refresh thread is turned off). ``enabled=None`` shows it only when the
-console is a terminal, so logs, CI output and pipes stay clean.
+The line (agents done/active/parked/waiting, window, KV usage) is refreshed from
+:meth:`ConcurSession.statistics` by a task owned by the ``async with`` block (no thread: rich's
+own auto-refresh thread is turned off). ``enabled=None`` shows it only when the console is a
+terminal, so logs, CI output and pipes stay clean.
+
+At the end of the block the batch's summary (agents and outcomes, makespan, how the window
+moved and the last decision's reason) is logged at INFO on the ``concur_langgraph`` logger,
+printed under the line when the display is on, and kept in :attr:`BatchProgress.summary`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 from types import TracebackType
 
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from ._adaptive import OPEN
 from ._session import ConcurSession
+from ._window import window_text
 
 __all__ = ["BatchProgress"]
+
+logger = logging.getLogger("concur_langgraph")
 
 
 class BatchProgress:
@@ -49,6 +58,9 @@ class BatchProgress:
         self._refresh_s = refresh_s
         self._live: Live | None = None
         self._task: asyncio.Task[None] | None = None
+        self._started: float | None = None
+        self.summary: str | None = None
+        """The batch's summary, once the ``async with`` block has ended."""
 
     def finished(self, *, ok: bool) -> None:
         """Count one agent whose run ended."""
@@ -65,7 +77,7 @@ class BatchProgress:
             f"{gate.active} active",
             f"{gate.parked} parked",
             f"{gate.waiting} waiting",
-            f"window {'open' if gate.window.limit >= OPEN else gate.window.limit}",
+            f"window {window_text(gate.window.limit)}",
         ]
         if self.failed:
             parts.insert(1, f"{self.failed} failed")
@@ -79,7 +91,37 @@ class BatchProgress:
                 parts.append(f"metrics stale {controller.staleness_s:.0f}s")
         return Text(" | ".join(parts))
 
+    def render_summary(self, seconds: float) -> str:
+        """The batch in a few lines: outcomes, makespan, the window's course and last reason."""
+        stats = self._session.statistics()
+        gate = stats.gate
+        unfinished = self.total - self.done
+        outcome = f"{self.done - self.failed} ok, {self.failed} failed"
+        if unfinished:
+            outcome += f", {unfinished} unfinished (stopped)"
+        lines = [
+            f"concur batch: {self.total} agents ({outcome}) in {seconds:,.1f} s; "
+            f"{gate.llm_calls:,} LLM calls, {gate.parks_total:,} parks"
+        ]
+        windows = [int(w) for w in self._session.timeline().get("window", []) if w is not None]
+        if windows:
+            low, high = min(windows), max(windows)
+            lines.append(
+                f"window: stayed {window_text(low)}"
+                if low == high
+                else f"window: started {window_text(windows[0])}, ranged {window_text(low)} "
+                f"to {window_text(high)}, ended {window_text(gate.window.limit)}"
+            )
+        else:
+            lines.append(f"window: {window_text(gate.window.limit)} (no controller)")
+        controller = stats.controller
+        decision = controller.last_decision if controller is not None else None
+        if decision is not None:
+            lines.append(f"last decision: {decision}")
+        return "\n".join(lines)
+
     async def __aenter__(self) -> BatchProgress:
+        self._started = asyncio.get_running_loop().time()
         if self.enabled:
             self._live = Live(self.render(), console=self._console, auto_refresh=False)
             self._live.start()
@@ -102,6 +144,11 @@ class BatchProgress:
         if live is not None:
             live.update(self.render(), refresh=True)
             live.stop()
+        started = self._started if self._started is not None else math.nan
+        self.summary = self.render_summary(asyncio.get_running_loop().time() - started)
+        logger.info(self.summary, extra={"event": "batch_summary"})
+        if self.enabled:
+            self._console.print(self.summary, highlight=False)
 
     async def _refresh(self) -> None:
         while True:

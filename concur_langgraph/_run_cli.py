@@ -131,6 +131,9 @@ class RunOptions:
     profile: str | None = None
     """Warm start (``--profile``): start from the profile at this path, if any, and save this
     batch's profile there at the end."""
+    plot: str | None = None
+    """Write a PNG of this run over time (window, KV usage, hit rate, agents) here at the end
+    (``--plot``; needs the ``plot`` extra)."""
 
     def __post_init__(self) -> None:
         if ":" not in self.graph_spec.strip(":"):
@@ -168,6 +171,14 @@ class RunOptions:
             raise ConfigError(f"--batch-id: must be a non-empty name, got {self.batch_id!r}")
         if Path(self.out).resolve() == Path(self.tasks).resolve():
             raise ConfigError("--out: is the tasks file itself; choose another file")
+        if self.plot is not None:
+            if not self.plot.lower().endswith(".png"):
+                raise ConfigError(f"--plot: the plot is a PNG; name a .png file, got {self.plot!r}")
+            if isinstance(parse_law(self.law), FixedLaw) and self.url is None:
+                raise ConfigError(
+                    "--plot: draws the window and the server's signals over time, which a "
+                    "static window without --url does not have; give --url"
+                )
 
     @property
     def effective_batch_id(self) -> str:
@@ -200,6 +211,7 @@ class RunOptions:
             progress=not args.no_progress,
             metrics_port=args.metrics_port,
             profile=args.profile,
+            plot=args.plot,
         )
 
 
@@ -214,6 +226,8 @@ def resume_command(options: RunOptions) -> str:
         argv += ["--checkpoint", options.checkpoint]
     if options.profile is not None:
         argv += ["--profile", options.profile]
+    if options.plot is not None:
+        argv += ["--plot", options.plot]
     if options.redis is not None:
         argv += ["--redis", options.redis]
     if options.batch_id is not None:
@@ -672,6 +686,19 @@ class BatchRun:
                 if current is not None and current.cancelling():
                     raise
         self._save_profile()
+        self._save_plot()
+
+    def _save_plot(self) -> None:
+        """``--plot``: this run over time, from the gate's timeline."""
+        path, gate = self.options.plot, self._gate
+        if path is None or gate is None:
+            return
+        try:
+            gate.plot(path, title=f"concur run {self.options.effective_batch_id}")
+        except ConfigError as exc:
+            _err(f"plot not written: {exc}")
+            return
+        _err(f"plot: {path}")
 
     def _save_profile(self) -> None:
         """``--profile``: what this batch measured, for the next one (nothing if unmeasured)."""
@@ -711,6 +738,12 @@ class BatchRun:
             batch += f"; {len(plan.tasks.bad)} bad lines skipped"
         print(batch, flush=True)
         print(f"results: {options.out}", flush=True)
+        gate = self._gate
+        summary = gate.summary() if gate is not None else None
+        if summary is not None and not (gate is not None and gate.progress_shown):
+            # The window's course and the reason for it (the live display prints these itself).
+            for line in summary.splitlines()[1:]:
+                print(line, flush=True)
         if self._signal is not None:
             unfinished = c.drained + self._pending
             print(
@@ -782,6 +815,11 @@ def register(subparsers: Any) -> None:
         metavar="PATH",
         help="warm start: begin from the profile a previous batch of this agent saved at PATH "
         "(if any) and save this batch's there",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="at the end, write a PNG of this run over time: window, KV usage, hit rate, agents",
     )
     parser.add_argument(
         "--metrics-port",

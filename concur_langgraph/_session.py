@@ -30,12 +30,14 @@ import asyncio
 import difflib
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypedDict
 
-from ._adaptive import OPEN, AdmitLaw
+from ._adaptive import AdmitLaw
 from ._controller import Controller, ControllerStatistics, _stop
 from ._errors import ConcurError, ConfigError
 from ._exporter import MetricsExporter, check_metrics_port
@@ -44,7 +46,7 @@ from ._laws import ControlLaw, FixedLaw
 from ._leader import Leadership
 from ._redis_window import RedisWindow, check_batch_id
 from ._signals import SignalSource, VLLMMetricsSource
-from ._window import AdmissionWindow, LocalWindow
+from ._window import OPEN, AdmissionWindow, LocalWindow, window_text
 
 if TYPE_CHECKING:
     import httpx
@@ -298,6 +300,39 @@ class SessionStatistics:
     """Whether this process drives the shared window now (it runs the controller); ``None``
     when there is nothing to lead (an in-process window, or no signals)."""
 
+    def __str__(self) -> str:
+        """The snapshot for people, one aspect per line (``print(gate.statistics())``)."""
+        gate, window = self.gate, self.gate.window
+        lines = [
+            f"window      {window_text(window.limit)} ({window.holders} holding a slot, "
+            f"{window.waiting_parked} parked and {window.waiting_new} new agents waiting)",
+            f"agents      {gate.active} active, {gate.parked} parked, {gate.waiting} waiting, "
+            f"{gate.completed} done; {gate.llm_calls:,} LLM calls, {gate.parks_total:,} parks",
+        ]
+        controller = self.controller
+        if controller is None:
+            lines.append("controller  none (a fixed window without signals, or not the leader)")
+            return "\n".join(lines)
+        sample = controller.last_sample
+        if sample is not None:
+            hit = sample.prefix_hit_rate
+            age = f", {controller.staleness_s:.0f} s stale" if controller.stale else ""
+            lines.append(
+                f"server      KV usage {sample.kv_usage:.2f}, prefix hit rate "
+                f"{'-' if hit is None else f'{hit:.2f}'}, {sample.running} running, "
+                f"{sample.waiting} waiting ({sample.waiting_capacity} for KV), "
+                f"{sample.preemptions} preemptions in the last interval{age}"
+            )
+        decision = controller.last_decision
+        if decision is not None:
+            lines.append(f"decision    {decision}")
+        lines.append(
+            f"controller  {controller.ticks} ticks, {controller.changes} window changes, "
+            f"{controller.errors} metrics errors"
+            + ("" if self.leader is None else f"; {'leader' if self.leader else 'follower'}")
+        )
+        return "\n".join(lines)
+
 
 class ConcurSession:
     """Window + gate + controller of one batch; ``async with`` runs the controller.
@@ -332,6 +367,7 @@ class ConcurSession:
             admission_timeout_s=options.admission_timeout_s,
         )
         self._controller: Controller | None = None
+        self._last_controller: Controller | None = None
         self._final_controller_stats: ControllerStatistics | None = None
         self._leadership: Leadership | None = None
         self._lead_task: asyncio.Task[None] | None = None
@@ -450,6 +486,30 @@ class ConcurSession:
             await self._close_exporter()
             await self._close_owned_window()
 
+    def timeline(self) -> dict[str, list[float | int | None]]:
+        """The batch over time, one row per controller tick (columns
+        :data:`~concur_langgraph._controller.TIMELINE_KEYS`: the window and why it moved, KV
+        usage, hit rate, agents admitted and queued); empty without a controller."""
+        controller = self._controller or self._last_controller
+        return controller.timeline() if controller is not None else {}
+
+    def plot(self, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
+        """Write a PNG of :meth:`timeline` to ``path`` (needs the ``plot`` extra: matplotlib).
+
+        Raises :class:`ConfigError` when there is nothing to draw: the batch had no controller
+        (a ``FixedLaw`` without ``vllm_url``, or a worker that never led a shared window).
+        """
+        from ._plot import plot_timeline
+
+        timeline = self.timeline()
+        if not timeline.get("t"):
+            raise ConfigError(
+                "plot: this batch has no timeline: its window was not driven by server "
+                "signals in this process (FixedLaw without vllm_url, or a worker that never "
+                "led the shared window)"
+            )
+        return plot_timeline(timeline, path, title=title or "concur batch")
+
     def statistics(self) -> SessionStatistics:
         """A snapshot of the gate, its window and the controller."""
         controller = self._controller
@@ -547,6 +607,7 @@ class ConcurSession:
     ) -> None:
         controller, self._controller = self._controller, None
         if controller is not None:
+            self._last_controller = controller
             self._final_controller_stats = controller.statistics()
             await controller.__aexit__(exc_type, exc, tb)
 
@@ -626,3 +687,7 @@ class SessionUser:
     def statistics(self) -> SessionStatistics:
         """The session's statistics (window, agents, controller)."""
         return self.session.statistics()
+
+    def plot(self, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
+        """A PNG of the session's batch over time (see :meth:`ConcurSession.plot`)."""
+        return self.session.plot(path, title=title)

@@ -24,11 +24,20 @@ import asyncio
 import itertools
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
 from ._errors import ConfigError
 
-__all__ = ["AdmissionWindow", "LocalWindow", "Permit", "WindowStatistics"]
+__all__ = ["OPEN", "AdmissionWindow", "LocalWindow", "Permit", "WindowStatistics", "window_text"]
+
+OPEN: Final = 1 << 20
+"""The window of "admit everyone": what a law that restricts nothing returns (the controller
+clamps it to ``max_window``). A window this large is shown as ``open``."""
+
+
+def window_text(window: int) -> str:
+    """A window for people: ``open`` for :data:`OPEN` (and above), else the number."""
+    return "open" if window >= OPEN else str(window)
 
 
 class Permit:

@@ -31,9 +31,11 @@ after the last. ``async with ConcurGate(...) as gate:`` keeps one session across
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn, Unpack
 
@@ -219,6 +221,7 @@ class ConcurGate:
         self._runs: dict[str, tuple[asyncio.Task[Any] | None, RunControl | None]] = {}
         self._drain_reason: str | None = None
         self._drain_cancelled: set[str] = set()
+        self._progress: BatchProgress | None = None
 
     # -- session sharing ---------------------------------------------------------------------
 
@@ -272,6 +275,27 @@ class ConcurGate:
         """The statistics of the current session, or of the last one; ``None`` before any."""
         session = self._session or self._last_session
         return session.statistics() if session is not None else None
+
+    def summary(self) -> str | None:
+        """The summary of the last batch (``abatch`` / ``abatch_as_completed``): agents and
+        outcomes, makespan, how the window moved and why; ``None`` before one ended. It is
+        also logged at INFO (logger ``concur_langgraph``) and printed with the progress
+        display."""
+        progress = self._progress
+        return progress.summary if progress is not None else None
+
+    @property
+    def progress_shown(self) -> bool:
+        """Whether the last batch drew the live display (and printed its summary)."""
+        return self._progress is not None and self._progress.enabled
+
+    def plot(self, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
+        """A PNG of the last batch over time (window, KV usage, hit rate, agents), written to
+        ``path`` (see :meth:`ConcurSession.plot`; needs the ``plot`` extra)."""
+        session = self._session or self._last_session
+        if session is None:
+            raise ConfigError("plot: no batch has run on this ConcurGate yet")
+        return session.plot(path, title=title)
 
     def node(self) -> Callable[[Any, RunnableConfig], Awaitable[None]]:
         """A gate node for hand-built graphs (see :func:`gate_node`)."""
@@ -467,6 +491,7 @@ class ConcurGate:
                 progress.finished(ok=True)
                 return index, out
 
+            self._progress = progress
             async with progress:
                 tasks = [
                     asyncio.create_task(one(index, plan.input, cfg, agent_id))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from concur_langgraph._errors import ConfigError
+from concur_langgraph._plot import new_figure
 
 __all__ = [
     "FAILED",
@@ -177,17 +178,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
 
 
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ModuleNotFoundError as exc:  # pragma: no cover - depends on the install
-        raise ConfigError("plots need matplotlib: pip install 'concur-langgraph[plot]'") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_figure(
     records: Sequence[dict[str, Any]], path: str | Path, *, title: str, labels: Sequence[str] = ()
 ) -> Path:
@@ -195,10 +185,10 @@ def plot_figure(
 
     ``labels`` (optional) names each record's lines; by default its policy.
     """
-    plt = _pyplot()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(len(_PANELS), 1, figsize=(9, 9), sharex=True)
+    # matplotlib's object API: no pyplot, no global backend switch in the caller's process.
+    fig, axes = new_figure(len(_PANELS), height=9 / len(_PANELS))
     for index, record in enumerate(records):
         series = record["series"]
         t = series["t"]
@@ -229,7 +219,6 @@ def plot_figure(
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 

@@ -192,7 +192,7 @@ def test_report_and_plot_mark_failed_runs(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     failed = _failed_run(tiny_workload, "none")
     report, figures = write_report([failed, records[1]], tmp_path)
@@ -203,14 +203,14 @@ def test_report_and_plot_mark_failed_runs(
 
     legends: list[list[str]] = []
     styles: list[list[str]] = []
-    close = plt.close
+    save = Figure.savefig
 
-    def keep(fig: Any) -> None:
+    def keep(fig: Any, *args: Any, **kwargs: Any) -> None:
         legends.append([t.get_text() for t in fig.axes[0].get_legend().get_texts()])
         styles.append([line.get_linestyle() for line in fig.axes[0].get_lines()])
-        close(fig)
+        save(fig, *args, **kwargs)
 
-    monkeypatch.setattr(plt, "close", keep)
+    monkeypatch.setattr(Figure, "savefig", keep)
     plot_records([failed, records[1]], tmp_path / "again")
     assert legends == [["none (FAILED 2/6 agents)", "static:2"]]
     assert styles == [["--", "-"]]

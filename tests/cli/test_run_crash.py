@@ -157,7 +157,11 @@ def _stop_then_resume(tmp: Path, after: int, stop: str, monkeypatch: pytest.Monk
     if stop == "sigkill":
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
     else:
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 130, status
+        # 130: stopped. 0: the signals came with the batch's very last writes, and the loop
+        # ended before it read them: the batch finished, every task has its result.
+        assert os.WIFEXITED(status), status
+        code = os.WEXITSTATUS(status)
+        assert code == 130 or (code == 0 and len(_records(tmp)) == TASKS), (after, code)
     given = _records(tmp)
     stored = _stored(tmp)
     for record in given:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +199,44 @@ def test_a_batch_another_run_is_working_on_is_refused(
     code, _, _ = _run(capsys, *args, "--resume")
     assert code == 0
     assert sorted(_records(out)) == [1, 2]
+
+
+def test_plot_and_the_windows_reasons_are_written_at_the_end(tmp_path: Path, sim_url: str) -> None:
+    # A process of its own, as users run it (the graph makes a client per call, which a
+    # process's exit closes).
+    step_graph = f"{Path(__file__).resolve().parent / 'step_graph.py'}:graph"
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(
+        "".join(f'{{"topic": "t{i}", "rounds": 2, "tool_s": 1.0}}\n' for i in range(4))
+    )
+    out, png = tmp_path / "r.jsonl", tmp_path / "run.png"
+    done = subprocess.run(
+        [sys.executable, "-m", "concur_langgraph.cli", "run", step_graph, str(tasks),
+         "--url", sim_url, "--law", "concur", "--out", str(out), "--no-progress",
+         "--plot", str(png)],
+        env={**os.environ, "CONCUR_TEST_LLM_URL": sim_url},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot: {png}" in done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("window: ") for line in lines), done.stdout
+    assert any(line.startswith("last decision: window ") for line in lines), done.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--law", "static:2", "--plot", "run.png"], "--plot: draws the window and the server"),
+        (["--law", "static:2", "--url", "http://127.0.0.1:9", "--plot", "run.svg"], "a .png"),
+    ],
+)
+def test_bad_plot_options_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"n": 1}\n')
+    code, _, stderr = _run(capsys, GRAPH, str(tasks), "--out", str(tmp_path / "r.jsonl"), *extra)
+    assert code == 2
+    assert message in stderr

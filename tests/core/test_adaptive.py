@@ -450,6 +450,35 @@ def test_admit_law_releases_when_admitting_everyone_is_cheap_again() -> None:
     assert law.phase == "free"
 
 
+def test_admit_law_explains_each_phase_with_its_numbers() -> None:
+    budget = "budget 8 agents (fill 0.9 of 1,000 KV tokens, 110 tokens per agent)"
+    law = admit_law()
+    law.next_window(OPEN, ext(admitted=100, prompt_tokens=0))
+    assert law.explain(OPEN, ext()) == "AdmitLaw free: no prefill measured yet: open"
+    law = admit_law()
+    law.next_window(OPEN, ext(admitted=17))
+    assert law.explain(OPEN, ext()) == (
+        f"AdmitLaw free: 17 admitted, {budget}; undoing 9 agents costs 1.0 s of prefill at "
+        "1,000 tok/s <= undo_cost_s 1.0: open"
+    )
+    law = admit_law()
+    drive(law, [ext(admitted=15)] * 2 + [ext(admitted=30)])
+    assert law.explain(8, ext()) == (
+        "AdmitLaw free -> trial: undoing 22 agents costs 2.4 s of prefill at 1,000 tok/s > "
+        f"undo_cost_s 1.0; {budget}; trying 8 against the free goodput of 100 tok/s"
+    )
+    law = admit_law()
+    law.next_window(OPEN, ext(admitted=30))
+    assert law.explain(8, ext()).endswith(
+        "no goodput baseline to trial against yet (under measure_s 2.0 s of running)"
+    )
+    law.next_window(8, ext(admitted=8, queued=1))
+    assert law.explain(OPEN, ext()) == (
+        f"AdmitLaw restricted -> free: 8 admitted + 1 queued, {budget}; undoing 1 agents costs "
+        "0.1 s of prefill at 1,000 tok/s <= undo_cost_s / 2: open"
+    )
+
+
 def test_admit_law_trial_waits_for_the_admitted_agents_to_drain() -> None:
     law = admit_law()
     drive(law, [ext(admitted=15)] * 2 + [ext(admitted=30)])

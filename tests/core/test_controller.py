@@ -18,7 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from concur_langgraph import vtime
-from concur_langgraph._controller import Controller, ControllerStatistics, WindowChange
+from concur_langgraph._controller import (
+    Controller,
+    ControllerStatistics,
+    WindowChange,
+    WindowDecision,
+)
 from concur_langgraph._errors import ConfigError, MetricsUnavailableError, NotVLLMError
 from concur_langgraph._laws import ConcurLaw, FixedLaw
 from concur_langgraph._signals import Sample, VLLMMetricsSource
@@ -166,7 +171,8 @@ async def test_enter_starts_the_source_and_sets_the_initial_window() -> None:
     async with controller(source, window, initial_window=6, on_change=changes.append):
         assert source.started
         assert window.limit == 6
-    assert changes == [WindowChange(time=0.0, old=1, new=6, sample=None)]
+    initial = WindowChange(time=0.0, old=1, new=6, sample=None, reason="the initial window")
+    assert changes == [initial]
     assert source.closed
 
 
@@ -198,7 +204,21 @@ async def test_tick_applies_the_law_and_reports_the_change() -> None:
         errors=0,
         changes=2,
         overruns=0,
+        last_decision=WindowDecision(
+            time=3.0,
+            old=3,
+            proposed=3,
+            new=3,
+            reason="paper's law: KV usage 0.30 in the dead band [u_low 0.2, u_high 0.5]: hold",
+            sample=make_sample(3.0, 0.3, 0.5),
+        ),
     )
+    assert [c.reason for c in changes] == [
+        "the initial window",
+        "paper's law: KV usage 0.10 < u_low 0.2: grow by alpha 2",
+        "paper's law: KV usage 0.90 > u_high 0.5 and hit rate 0.10 < h_thresh 0.2 "
+        "(thrashing): multiply by beta 0.5",
+    ]
 
 
 async def test_window_is_clamped_to_min_and_max() -> None:
@@ -240,7 +260,11 @@ async def test_window_change_is_a_structured_log_record(caplog: pytest.LogCaptur
         await ctl.tick()
     [record] = [r for r in caplog.records if getattr(r, "event", None) == "window_change"]
     assert record.name == "concur_langgraph"
-    assert record.getMessage() == "concur window 4 -> 2"
+    assert record.getMessage() == (
+        "concur window 4 -> 2: paper's law: KV usage 0.90 > u_high 0.5 and hit rate 0.05 < "
+        "h_thresh 0.2 (thrashing): multiply by beta 0.5"
+    )
+    assert record.reason == record.getMessage().split(": ", 1)[1]  # type: ignore[attr-defined]
     assert (record.window_old, record.window_new) == (4, 2)  # type: ignore[attr-defined]
     assert (record.kv_usage, record.prefix_hit_rate) == (0.9, 0.05)  # type: ignore[attr-defined]
 
@@ -573,3 +597,91 @@ async def test_fixed_law_is_not_capped_by_demand() -> None:
         await ctl.tick()
         assert window.limit == 8  # nobody waits, but a static window is an explicit target
     await window.aclose()
+
+
+# -- why the window is what it is -------------------------------------------------------------
+
+
+async def test_each_decision_says_why_including_the_controllers_own_changes() -> None:
+    window = LocalWindow(1)
+    source = ScriptedSource([Step(usage=0.1), Step(usage=0.9, hit_rate=0.0), Step(usage=0.9)])
+    async with controller(source, window, max_window=5, initial_window=4) as ctl:
+        first = await window.acquire("a")
+        await ctl.tick()  # the law grows 4 -> 6: the demand (1 agent) keeps it at 4
+        grown = ctl.statistics().last_decision
+        await ctl.tick()  # 4 -> 2
+        shrunk = ctl.statistics().last_decision
+        await window.release(first)
+    assert grown is not None and shrunk is not None
+    assert (grown.old, grown.proposed, grown.new) == (4, 6, 4)
+    assert grown.reason == (
+        "paper's law: KV usage 0.10 < u_low 0.2: grow by alpha 2; kept at 4: no more agents "
+        "want a slot"
+    )
+    assert str(grown).startswith("window kept at 4: paper's law")
+    assert (shrunk.old, shrunk.new) == (4, 2)
+    assert str(shrunk) == (
+        "window 4 -> 2: paper's law: KV usage 0.90 > u_high 0.5 and hit rate 0.00 < h_thresh "
+        "0.2 (thrashing): multiply by beta 0.5"
+    )
+
+
+async def test_a_clamp_is_part_of_the_reason() -> None:
+    source = ScriptedSource([Step(usage=0.9, hit_rate=0.0)])
+    async with controller(source, FakeWindow(), min_window=3) as ctl:
+        await ctl.tick()
+    decision = ctl.statistics().last_decision
+    assert decision is not None and (decision.proposed, decision.new) == (2, 3)
+    assert decision.reason.endswith("multiply by beta 0.5; clamped to min_window 3")
+
+
+async def test_missing_metrics_are_a_decision_to_hold() -> None:
+    down = Step(error=MetricsUnavailableError("http://h:8000/metrics answered HTTP 503"))
+    async with controller(ScriptedSource([down])) as ctl:
+        await ctl.tick()
+    decision = ctl.statistics().last_decision
+    assert decision is not None and decision.proposed is None and decision.new == 4
+    assert str(decision) == (
+        "window kept at 4: metrics missing, window held: http://h:8000/metrics answered HTTP 503"
+    )
+
+
+async def test_a_law_without_explain_is_described_by_its_result_and_the_signals() -> None:
+    class Halve:
+        def next_window(self, window: int, sample: Sample) -> int:
+            return window // 2
+
+    async with controller(ScriptedSource([Step(usage=0.8, hit_rate=0.25)]), law=Halve()) as ctl:
+        await ctl.tick()
+    decision = ctl.statistics().last_decision
+    assert decision is not None
+    assert decision.reason == (
+        "Halve returned 2 (KV usage 0.80, hit rate 0.25, 0 waiting, 0 preemptions)"
+    )
+
+
+async def test_the_timeline_has_a_row_per_tick_and_halves_its_resolution_when_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import concur_langgraph._controller as module
+
+    monkeypatch.setattr(module, "_TIMELINE_ROWS", 8)
+    clock = FakeClock()
+    source = ScriptedSource([Step(usage=0.3)])
+    async with controller(source, clock=clock) as ctl:
+        for t in range(1, 4):
+            clock.now = float(t)
+            await ctl.tick()
+        short = ctl.timeline()
+        for t in range(4, 21):
+            clock.now = float(t)
+            await ctl.tick()
+        long = ctl.timeline()
+    assert set(short) == set(module.TIMELINE_KEYS)
+    assert short["t"] == [0.0, 1.0, 2.0, 3.0]  # the initial window, then one row per tick
+    assert short["window"] == [4, 4, 4, 4]
+    assert short["kv_usage"] == [None, 0.3, 0.3, 0.3]
+    # 21 rows at most 8: halved twice (every 4th tick kept), still spanning the batch.
+    assert len(long["t"]) < 8
+    assert long["t"][0] == 0.0 and long["t"][-1] >= 16.0
+    assert all(b - a == 4.0 for a, b in zip(long["t"], long["t"][1:], strict=False))

@@ -15,7 +15,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from concur_langgraph._adaptive import OPEN
 from concur_langgraph._errors import (
     ConcurError,
     ConfigError,
@@ -26,6 +25,7 @@ from concur_langgraph._exporter import METRICS, MetricsExporter
 from concur_langgraph._laws import ConcurLaw, FixedLaw
 from concur_langgraph._session import ConcurSession, SessionOptions
 from concur_langgraph._signals import Sample
+from concur_langgraph._window import OPEN
 from concur_langgraph._wrapper import ConcurGate
 from concur_langgraph.sim import SimServer
 from concur_langgraph.testing.agent_loop import loop_tasks, observation_loop
