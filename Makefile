@@ -5,12 +5,13 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint typecheck system-deps real-vllm bench bench-fidelity bench-load clean help
+.PHONY: demo test test-fast lint typecheck system-deps real-vllm bench bench-real bench-fidelity bench-load clean help
 
 help:
 	@echo "make demo    - LangGraph agent batch on the simulator, without and with the gate"
 	@echo "make test    - lint, type check and the whole test suite (real vLLM + Redis included)"
 	@echo "make bench   - the benchmark tables of docs/benchmarks.md"
+	@echo "make bench-real - every policy on a real CPU vLLM in the pressure regime (~1.5-2 h)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,6 +49,13 @@ test: $(STAMP) system-deps real-vllm lint typecheck
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 	$(BIN)/python benchmarks/fidelity.py --stages sim,report --policy none --policy static:12 --policy static:4 --policy concur
+
+# The pressure regime on a real vLLM CPU server (the medium model): every policy x 3 repeats,
+# ~1.5-2 h; resumable, and BENCH_REAL_ARGS runs it in parts, e.g.
+# BENCH_REAL_ARGS="--workloads medium-24 --repeats 1". Writes docs/benchmarks.md's section.
+BENCH_REAL_ARGS ?=
+bench-real: $(STAMP) real-vllm
+	$(BIN)/python benchmarks/bench_real.py $(BENCH_REAL_ARGS)
 
 # The simulator against a real vLLM CPU server (calibration + the same workloads on both): ~35 min.
 bench-fidelity: $(STAMP) real-vllm

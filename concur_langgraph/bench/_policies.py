@@ -8,9 +8,12 @@
   with no ``law``): what a user gets, whatever the default becomes;
 * every name in :data:`LAWS`: the gate with that adaptive law, driven by the server's
   ``/metrics`` (``concur``: the paper's Eq. 1 with its constants, ``W0 = 4``; our laws of
-  ``_adaptive.py`` by their names).
+  ``_adaptive.py`` by their names);
+* every name in :data:`PEERS`: a peer system's admission idea re-implemented as a law (run
+  like the laws above). The real-server benchmark (``benchmarks/bench_real.py``) runs every
+  peer by default, so a peer added here joins its comparison with no other change.
 
-To add a law to the benchmarks, add one entry to :data:`LAWS`.
+To add a law to the benchmarks, add one entry to :data:`LAWS`; a peer, to :data:`PEERS`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = [
     "AUTO",
     "DEFAULT_SWEEP",
     "LAWS",
+    "PEERS",
     "Policy",
     "parse_policy",
 ]
@@ -51,6 +55,10 @@ def _laws() -> dict[str, Callable[[], ControlLaw]]:
 
 LAWS: Final[Mapping[str, Callable[[], ControlLaw]]] = MappingProxyType(_laws())
 """Adaptive law name -> factory (a fresh law object per run: laws may keep history)."""
+
+PEERS: Final[Mapping[str, Callable[[], ControlLaw]]] = MappingProxyType({})
+"""Peer policy name -> factory: other systems' admission ideas (../shared/notes/peers.md) as
+laws, benchmarked against ours. Names must not clash with :data:`LAWS`."""
 
 AUTO: Final = "auto"
 """The policy name of the gate's default law (``ConcurGate`` with ``law=None``)."""
@@ -90,7 +98,7 @@ class Policy:
         if self.factory is not None:
             return self.factory()
         if self.law is not None and self.law != AUTO:
-            return LAWS[self.law]()
+            return (LAWS.get(self.law) or PEERS[self.law])()
         return None
 
 
@@ -103,9 +111,9 @@ def parse_policy(text: str) -> Policy:
         if not raw.isdigit() or int(raw) < 1:
             raise ConfigError(f"policy: static:K needs an integer K >= 1, got {text!r}")
         return Policy(name=f"static:{int(raw)}", law=None, fixed=int(raw))
-    if text in LAWS or text == AUTO:
+    if text in LAWS or text in PEERS or text == AUTO:
         return Policy(name=text, law=text, fixed=None)
-    known = ", ".join(["none", "static:K", "static-sweep", AUTO, *sorted(LAWS)])
+    known = ", ".join(["none", "static:K", "static-sweep", AUTO, *sorted(LAWS), *sorted(PEERS)])
     raise ConfigError(f"policy: unknown policy {text!r}; known: {known}")
 
 

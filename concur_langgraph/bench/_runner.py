@@ -85,6 +85,7 @@ RECORD_KEYS = (
     "tokens_per_s",
     "prompt_tokens_computed",
     "prompt_tokens_computed_source",
+    "prompt_tokens_uncached",
     "prefix_hit_rate",
     "preemptions",
     "window_peak",
@@ -102,7 +103,11 @@ RECORD_KEYS = (
     "series",
 )
 """Keys of every record (values may be ``None`` where they do not apply). ``status`` is
-``"ok"`` or ``"failed"`` (an agent failed: see the module docstring)."""
+``"ok"`` or ``"failed"`` (an agent failed: see the module docstring).
+``prompt_tokens_uncached`` is ``prompt_tokens_total - prompt_tokens_cached_total`` (deltas of
+``/metrics``) on every backend: on a real server the same as ``prompt_tokens_computed``, on the
+simulator what a real server would report (re-prefills after a preemption left out), so the
+two compare (``benchmarks/fidelity.py``)."""
 
 SERIES_KEYS = (
     "t",
@@ -427,11 +432,12 @@ async def _run_async(
     # The first five distinct errors: a batch that fails fails the same way many times.
     errors = list(dict.fromkeys(failures))[:5]
     delta = {key: after[key] - before[key] for key in after}
+    uncached = int(delta["prompt_tokens"] - delta["prompt_tokens_cached"])
     if engine_computed is not None:
         computed: int | None = int(engine_computed)
         computed_source = "simulator engine counter (every prefilled token, recompute included)"
     else:
-        computed = int(delta["prompt_tokens"] - delta["prompt_tokens_cached"])
+        computed = uncached
         computed_source = (
             "vLLM /metrics: prompt_tokens_total - prompt_tokens_cached_total deltas "
             "(vLLM leaves re-prefills after a preemption out of these counters)"
@@ -452,6 +458,7 @@ async def _run_async(
         "tokens_per_s": generated / makespan if makespan > 0 else None,
         "prompt_tokens_computed": computed,
         "prompt_tokens_computed_source": computed_source,
+        "prompt_tokens_uncached": uncached,
         "prefix_hit_rate": delta["prefix_hits"] / queries if queries > 0 else None,
         "preemptions": int(delta["preemptions"]),
         "window_peak": window_peak,

@@ -4,11 +4,17 @@ Measurements (all with fresh random text, so nothing hits the prefix cache):
 
 * **Prefills**: one request at a time, prompts of several sizes, ``max_tokens=1``: one step
   that prefills ``P`` tokens, plus the server's per-request overhead (HTTP, tokenisation).
+  Given the server's token budget per step (``max_num_batched_tokens``), a longer prompt is
+  ``ceil(P / budget)`` steps of chunks, each attending what the earlier chunks computed.
 * **Decode runs**: ``B`` concurrent requests of ``L`` prompt tokens each, ``ignore_eos`` and
   ``max_tokens=N``, timed from launch to the last answer: one prefill step of the whole batch,
   then ``N - 1`` decode steps of ``B`` sequences over growing contexts.
 * **Decode steps** (:func:`measure_decode_steps`): two decode runs of the same batch with
   different ``N``; their difference is a number of pure-decode steps, timed with no model.
+  As a sample of its own (:attr:`DecodeStepSample.difference`) it joins a fit with the
+  prefill and the per-request overhead cancelled, whatever the context: the way to measure
+  how a decode step grows with the context it reads, at contexts too long for one prefill
+  step of the batch.
 
 Each measurement's duration is linear in the unknowns: the per-request overhead and the
 :class:`CostModel` constants (with a decode knee, the cost per sequence below and above it),
@@ -27,6 +33,7 @@ under virtual time measures exactly what the simulator modelled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import random
@@ -48,6 +55,7 @@ __all__ = [
     "fit_cost_model",
     "measure",
     "measure_decode_steps",
+    "prefill_chunks",
 ]
 
 
@@ -69,11 +77,17 @@ class CalibrationSample:
     """Attention pairs, summed over its steps."""
     kv_tokens_read: int
     """Context tokens read from the KV cache, summed over its steps."""
+    batch: int = 0
+    """Sequences in each of its decode steps when they cannot be derived (a difference of two
+    runs is decode steps only); 0: derived (see :attr:`decode_batch`)."""
 
     @property
     def decode_batch(self) -> int:
         """Sequences in each decode step: a measurement's decode steps all carry the same batch
-        (one prefill step, then ``steps - 1`` decode steps of every request); 0 if none."""
+        (one prefill step, then ``steps - 1`` decode steps of every request, unless ``batch``
+        says otherwise); 0 if none."""
+        if self.batch:
+            return self.batch
         if self.decode_seqs <= 0 or self.steps <= 1:
             return 0
         return self.decode_seqs // (self.steps - 1)
@@ -279,6 +293,15 @@ def _root(base_url: str) -> str:
     return root
 
 
+def prefill_chunks(cached: int, computed: int, budget: int | None) -> list[tuple[int, int]]:
+    """The ``(start, tokens)`` chunks in which a lone request prefills ``computed`` tokens
+    after ``cached`` ones, ``budget`` tokens per step at most (``None``: one chunk)."""
+    if computed <= 0:
+        return [(cached, 0)]
+    step = computed if budget is None else budget
+    return [(cached + i, min(step, computed - i)) for i in range(0, computed, step)]
+
+
 async def measure(
     base_url: str,
     *,
@@ -289,14 +312,29 @@ async def measure(
     contexts: Sequence[int] = (48, 192),
     output_tokens: Sequence[int] = (8, 32),
     repeats: int = 2,
+    max_num_batched_tokens: int | None = None,
 ) -> list[CalibrationSample]:
     """Run the calibration measurements (module docstring) and return them.
 
-    Keep ``max(batch_sizes) * max(contexts)`` and ``max(prefill_sizes)`` within the server's
-    ``max_num_batched_tokens``, so that each batch prefills in one step as the model assumes.
+    ``max_num_batched_tokens``: the server's token budget per step (vLLM's default is 2048 on
+    CPU, 8192 on large GPUs); prefills longer than it are modelled as consecutive chunks.
+    ``None``: every prefill is one step. The decode runs prefill their whole batch in one step,
+    so ``max(batch_sizes) * max(contexts)`` must stay within the budget (checked when given;
+    use :func:`measure_decode_steps` for longer contexts).
     """
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
+    if max_num_batched_tokens is not None:
+        if isinstance(max_num_batched_tokens, bool) or max_num_batched_tokens < 1:
+            raise ConfigError(
+                f"max_num_batched_tokens must be an integer >= 1, got {max_num_batched_tokens!r}"
+            )
+        if batch_sizes and contexts and max(batch_sizes) * max(contexts) > max_num_batched_tokens:
+            raise ConfigError(
+                f"contexts: a decode run of {max(batch_sizes)} x {max(contexts)} prompt tokens "
+                f"does not prefill in one step of max_num_batched_tokens="
+                f"{max_num_batched_tokens}; use smaller batch_sizes or contexts"
+            )
     own = client is None
     http = client or httpx.AsyncClient(timeout=600.0)
     loop = asyncio.get_running_loop()
@@ -317,15 +355,16 @@ async def measure(
                 prompt, cached, _out = await api.chat(words_for(size), 1)
                 duration = loop.time() - start
                 computed = prompt - cached
+                chunks = prefill_chunks(cached, computed, max_num_batched_tokens)
                 samples.append(
                     CalibrationSample(
                         duration_s=duration,
                         requests=1,
-                        steps=1,
+                        steps=len(chunks),
                         prefill_tokens=computed,
                         decode_seqs=0,
-                        attention_pairs=chunk_attention_pairs(cached, computed),
-                        kv_tokens_read=prompt,
+                        attention_pairs=sum(chunk_attention_pairs(s, n) for s, n in chunks),
+                        kv_tokens_read=sum(s + n for s, n in chunks),
                     )
                 )
             for batch in batch_sizes:
@@ -384,6 +423,32 @@ class DecodeStepSample:
     def step_s(self) -> float:
         """Seconds per decode step: the difference of durations over the difference of steps."""
         return (self.long.duration_s - self.short.duration_s) / (self.long.steps - self.short.steps)
+
+    @property
+    def difference(self) -> CalibrationSample:
+        """The extra decode steps of the long run as one measurement: duration and every
+        feature of the long run minus the short one's (the prefill and the per-request
+        overhead cancel), its decode batch explicit. Exact in the additive model whatever
+        the prompt length, so long-context decodes can join a fit. ``ValueError`` when the
+        long run was not the longer one (a stalled short run on a shared machine): such a pair
+        measures nothing."""
+        long, short = self.long, self.short
+        duration = long.duration_s - short.duration_s
+        if duration <= 0 or long.steps <= short.steps:
+            raise ValueError(
+                f"the long run ({long.duration_s:.3f} s, {long.steps} steps) is not longer than "
+                f"the short one ({short.duration_s:.3f} s, {short.steps} steps)"
+            )
+        return CalibrationSample(
+            duration_s=duration,
+            requests=0,
+            steps=long.steps - short.steps,
+            prefill_tokens=long.prefill_tokens - short.prefill_tokens,
+            decode_seqs=long.decode_seqs - short.decode_seqs,
+            attention_pairs=long.attention_pairs - short.attention_pairs,
+            kv_tokens_read=long.kv_tokens_read - short.kv_tokens_read,
+            batch=self.batch,
+        )
 
 
 async def measure_decode_steps(
@@ -446,6 +511,9 @@ async def calibrate(
     output_tokens: Sequence[int] = (8, 32),
     repeats: int = 2,
     decode_knees: Sequence[int] = (0,),
+    max_num_batched_tokens: int | None = None,
+    long_contexts: Sequence[tuple[int, int]] = (),
+    long_output_tokens: tuple[int, int] = (16, 128),
 ) -> CostModel:
     """Measure a vLLM-compatible server at ``base_url`` and fit a :class:`CostModel`.
 
@@ -453,7 +521,14 @@ async def calibrate(
     ``model`` defaults to the first model ``/v1/models`` lists. Use
     :func:`calibrated_config` to put the result into a preset. ``decode_knees``: candidate
     knees of the decode term (see :func:`fit_cost_model`; only knees below the largest of
-    ``batch_sizes`` can win).
+    ``batch_sizes`` can win). ``max_num_batched_tokens``: the server's token budget per step,
+    for prefills longer than it (see :func:`measure`).
+
+    ``long_contexts``: ``(batch, context tokens)`` pairs at which decode steps are timed too
+    (:func:`measure_decode_steps` with ``long_output_tokens``, ``repeats`` times, joining the
+    fit as :attr:`DecodeStepSample.difference`): where a step's cost grows with the context it
+    reads (attention and KV reads), which short calibration contexts cannot show. The server's
+    KV cache must hold ``batch x (context + long_output_tokens[1])`` tokens.
     """
     samples = await measure(
         base_url,
@@ -464,5 +539,19 @@ async def calibrate(
         contexts=contexts,
         output_tokens=output_tokens,
         repeats=repeats,
+        max_num_batched_tokens=max_num_batched_tokens,
     )
+    for _ in range(repeats if long_contexts else 0):
+        for batch, context in long_contexts:
+            steps = await measure_decode_steps(
+                base_url,
+                client=client,
+                model=model,
+                batch_sizes=(batch,),
+                context_tokens=context,
+                output_tokens=long_output_tokens,
+            )
+            for step in steps:
+                with contextlib.suppress(ValueError):  # a pair spoilt by a stall: skipped
+                    samples.append(step.difference)
     return fit_cost_model(samples, kv_bytes_per_token=kv_bytes_per_token, decode_knees=decode_knees)

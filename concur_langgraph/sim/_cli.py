@@ -14,7 +14,12 @@
 * ``concur sim calibrate --url URL [--preset NAME] [--out FILE.json]`` fits the step-time
   constants to a live vLLM-compatible server (``_calibrate.py``), combines them with the KV
   geometry of the preset (default ``cpu-tiny``, the recipe's CPU server), prints them and
-  writes the whole configuration, which ``serve --config FILE.json`` loads as is.
+  writes the whole configuration, which ``serve --config FILE.json`` loads as is. What it
+  measures is sized to the preset (:data:`CALIBRATION_PLANS`: ``cpu-medium`` adds prefills
+  longer than one step's token budget and decodes at long contexts); ``--prefill-sizes``,
+  ``--batch-sizes``, ``--contexts``, ``--long-contexts``, ``--knees`` and ``--repeats``
+  override it. Prefills longer than the preset's ``max_num_batched_tokens`` are modelled as
+  chunks.
 * ``concur sim serve ... --fault FIELD=VALUE`` (repeatable) starts the server with faults
   injected, e.g. ``--fault metrics=down`` or ``--fault chat=error --fault chat_status=429
   --fault chat_fraction=0.1``: the fields of :class:`concur_langgraph.sim._faults.Faults`.
@@ -253,6 +258,74 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEFAULT_PLAN: dict[str, Any] = {
+    "prefill_sizes": (64, 256, 512, 1024),
+    "batch_sizes": (1, 4, 8),
+    "contexts": (48, 192),
+    "long_contexts": (),
+    "decode_knees": (0,),
+    "repeats": 2,
+}
+CALIBRATION_PLANS: dict[str, dict[str, Any]] = {
+    # The medium model's server: prompts up to 3k tokens (two chunks of the 2048-token budget),
+    # decode batches to 16 at short contexts (16 x 96 prompt tokens still prefill in one step)
+    # and decode steps at 1.5-3.5k tokens of context, where attention and KV reads show.
+    "cpu-medium": {
+        "prefill_sizes": (256, 1024, 2048, 3072),
+        "batch_sizes": (1, 4, 8, 16),
+        "contexts": (48, 96),
+        "long_contexts": ((1, 2048), (1, 3584), (4, 1536)),
+        "decode_knees": (0, 4, 8),
+        "repeats": 2,
+    },
+}
+"""Preset name -> what ``concur sim calibrate`` measures by default (keyword arguments of
+:func:`concur_langgraph.sim._calibrate.calibrate`); other presets get the tiny server's plan."""
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{flag}: expected integers separated by commas, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise ConfigError(f"{flag}: expected integers >= 0, got {text!r}")
+    return values
+
+
+def _pairs(text: str, flag: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        batch, sep, context = part.partition("x")
+        if not sep or not batch.isdigit() or not context.isdigit() or int(batch) < 1:
+            raise ConfigError(f"{flag}: expected BATCHxCONTEXT pairs like 4x1536, got {part!r}")
+        out.append((int(batch), int(context)))
+    return tuple(out)
+
+
+def calibration_plan(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``calibrate`` for ``args``: the preset's plan, then flags."""
+    plan = dict(CALIBRATION_PLANS.get(args.preset, _DEFAULT_PLAN))
+    for flag, key in (
+        ("prefill_sizes", "prefill_sizes"),
+        ("batch_sizes", "batch_sizes"),
+        ("contexts", "contexts"),
+        ("knees", "decode_knees"),
+    ):
+        text = getattr(args, flag, None)
+        if text is not None:
+            plan[key] = _int_list(text, "--" + flag.replace("_", "-"))
+    if getattr(args, "long_contexts", None) is not None:
+        plan["long_contexts"] = _pairs(args.long_contexts, "--long-contexts")
+    if getattr(args, "repeats", None) is not None:
+        if args.repeats < 1:
+            raise ConfigError(f"--repeats: must be >= 1, got {args.repeats}")
+        plan["repeats"] = args.repeats
+    return plan
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -262,7 +335,15 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     try:
         base = get_preset(args.preset)
-        cost = asyncio.run(calibrate(args.url, model=args.model))
+        plan = calibration_plan(args)
+        cost = asyncio.run(
+            calibrate(
+                args.url,
+                model=args.model,
+                max_num_batched_tokens=base.max_num_batched_tokens,
+                **plan,
+            )
+        )
         config = calibrated_config(base, cost)
     except ConfigError as exc:
         print(f"concur sim calibrate: error: {exc}", file=sys.stderr)
@@ -329,4 +410,12 @@ def register(subparsers: Any) -> None:
     )
     calibrate.add_argument("--model", help="model name to send (default: the server's first)")
     calibrate.add_argument("--out", help="write the fitted configuration to this JSON file")
+    calibrate.add_argument("--prefill-sizes", help="prompt tokens of the prefills, e.g. 64,1024")
+    calibrate.add_argument("--batch-sizes", help="concurrent requests of the decode runs")
+    calibrate.add_argument("--contexts", help="prompt tokens of the decode runs")
+    calibrate.add_argument(
+        "--long-contexts", help="decode steps timed at BATCHxCONTEXT pairs, e.g. 1x2048,4x1536"
+    )
+    calibrate.add_argument("--knees", help="candidate decode knees, e.g. 0,4,8 (0: linear)")
+    calibrate.add_argument("--repeats", type=int, help="rounds of measurements (default 2)")
     calibrate.set_defaults(func=_calibrate)

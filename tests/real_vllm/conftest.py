@@ -15,6 +15,10 @@ Tests that need a real server live in this folder and ask for the ``real_vllm`` 
 returns a :class:`concur_langgraph.testing.vllm_cpu.RunningServer` with ``.base_url``
 (``http://127.0.0.1:PORT``), ``.openai_base_url`` (``.../v1``), ``.model`` (``"tiny"``) and
 ``.log_path``. ``vllm_installation`` gives the venv's python and the model folder.
+
+``real_vllm_medium`` is a second server, of the ``medium`` model (the pressure regime of
+docs/real-vllm.md: 94M parameters, an 8,192-token cache), started the same way (after
+collection, only when a selected test asks for it, stopped at the end of the session).
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ class _Tier:
     server: RunningServer | None = None
     server_error: RealVLLMError | None = None
     startup_s: float | None = None
+    medium: RunningServer | None = None
+    medium_error: RealVLLMError | None = None
+    medium_startup_s: float | None = None
 
 
 _tier = _Tier()
@@ -98,6 +105,17 @@ def _start() -> None:
     _tier.startup_s = time.monotonic() - t0
 
 
+def _start_medium() -> None:
+    # Builds the medium model on first use (~10 s), then starts like the tiny one (~25 s).
+    t0 = time.monotonic()
+    try:
+        config = VLLMServerConfig(model="medium", startup_timeout_s=STARTUP_TIMEOUT_S)
+        _tier.medium = start_server(config)
+    except RealVLLMError as exc:
+        _tier.medium_error = exc
+    _tier.medium_startup_s = time.monotonic() - t0
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     # Runs after -m/-k deselection, so a run that selects none of the tier does nothing.
     if session.config.option.collectonly:
@@ -108,12 +126,20 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         wanted = any("real_vllm" in getattr(item, "fixturenames", ()) for item in session.items)
         if wanted and _tier.installation.error is None:
             _start()
+        medium = any(
+            "real_vllm_medium" in getattr(item, "fixturenames", ()) for item in session.items
+        )
+        if medium and _tier.installation.error is None:
+            _start_medium()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _tier.server is not None:
         _tier.server.stop()
         _tier.server = None
+    if _tier.medium is not None:
+        _tier.medium.stop()
+        _tier.medium = None
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -122,6 +148,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     line = f"real vLLM tier: install/model check {_tier.installation.seconds:.1f} s"
     if _tier.startup_s is not None:
         line += f", server start-up {_tier.startup_s:.1f} s"
+    if _tier.medium_startup_s is not None:
+        line += f", medium server start-up {_tier.medium_startup_s:.1f} s"
     terminalreporter.write_line(line)
 
 
@@ -150,3 +178,15 @@ def real_vllm(vllm_installation: Installation) -> RunningServer:
         _fail(_tier.server_error)
     assert _tier.server is not None
     return _tier.server
+
+
+@pytest.fixture(scope="session")
+def real_vllm_medium(vllm_installation: Installation) -> RunningServer:
+    """The medium model's server for the session (64 MiB = 8,192-token KV cache, prefix
+    caching, max_model_len 4096)."""
+    if _tier.medium is None and _tier.medium_error is None:
+        _start_medium()  # the collection hook did not start it: start now
+    if _tier.medium_error is not None:
+        _fail(_tier.medium_error)
+    assert _tier.medium is not None
+    return _tier.medium

@@ -300,3 +300,167 @@ def test_measure_decode_steps_checks_output_tokens() -> None:
 
     with pytest.raises(ConfigError, match="output_tokens"):
         vtime.run(main())
+
+
+# -- chunked prefill and long contexts (the medium model's server) ---------------------------
+
+
+def test_prefill_chunks() -> None:
+    from concur_langgraph.sim._calibrate import prefill_chunks
+
+    assert prefill_chunks(0, 3000, 2048) == [(0, 2048), (2048, 952)]
+    assert prefill_chunks(128, 4096, 2048) == [(128, 2048), (2176, 2048)]
+    assert prefill_chunks(0, 3000, None) == [(0, 3000)]
+    assert prefill_chunks(256, 0, 2048) == [(256, 0)]
+
+
+# A budget of 512 tokens per step: prefills of 1024 and 1536 tokens take 2 and 3 steps.
+CHUNKED = dataclasses.replace(ROOMY, cost=TRUE, max_num_batched_tokens=512)
+CHUNKED_PLAN: dict[str, object] = {
+    "prefill_sizes": (64, 256, 1024, 1536),
+    "contexts": (40, 56),  # 8 x 56 prompt tokens still prefill in one step
+}
+
+
+def _calibrate_sim(cfg: SimConfig, **kwargs: object) -> CostModel:
+    from concur_langgraph.sim._server import SimServer
+
+    async def main() -> CostModel:
+        async with SimServer(cfg) as server, server.http_client() as client:
+            return await calibrate(
+                server.base_url,
+                client=client,
+                kv_bytes_per_token=4096,
+                **kwargs,  # type: ignore[arg-type]
+            )
+
+    return vtime.run(main())
+
+
+def test_prefills_longer_than_the_budget_are_fitted_as_chunks() -> None:
+    fitted = _calibrate_sim(CHUNKED, max_num_batched_tokens=512, **CHUNKED_PLAN)
+    assert_close(fitted, TRUE, rel=1e-6)
+    # Read as one step each, the same prefills mislead the fit: the attention term (which
+    # chunking reduces) and the per-step cost come out wrong.
+    naive = _calibrate_sim(CHUNKED, **CHUNKED_PLAN)
+    errors = [abs(getattr(naive, f) / getattr(TRUE, f) - 1) for f in FIELDS]
+    assert max(errors) > 0.05
+
+
+def test_long_context_decode_steps_join_the_fit() -> None:
+    # Decode steps at 600-900 tokens of context, where attention and KV reads weigh.
+    fitted = _calibrate_sim(
+        dataclasses.replace(ROOMY, cost=TRUE),
+        long_contexts=((1, 900), (2, 600)),
+        long_output_tokens=(8, 40),
+    )
+    assert_close(fitted, TRUE, rel=1e-6)
+
+
+def test_decode_runs_must_prefill_in_one_step() -> None:
+    from concur_langgraph.sim._calibrate import measure
+
+    async def main() -> None:
+        await measure("http://server:8000", contexts=(48, 192), max_num_batched_tokens=1024)
+
+    with pytest.raises(ConfigError, match="contexts: a decode run of 8 x 192"):
+        vtime.run(main())
+
+
+def test_a_difference_of_two_decode_runs_is_decode_steps_only() -> None:
+    from concur_langgraph.sim._calibrate import DecodeStepSample
+
+    short = CalibrationSample(
+        duration_s=0.5,
+        requests=1,
+        steps=16,
+        prefill_tokens=4000,
+        decode_seqs=4 * 15,
+        attention_pairs=10_000,
+        kv_tokens_read=70_000,
+    )
+    long = dataclasses.replace(
+        short,
+        duration_s=2.5,
+        steps=176,
+        decode_seqs=4 * 175,
+        attention_pairs=90_000,
+        kv_tokens_read=800_000,
+    )
+    diff = DecodeStepSample(short=short, long=long).difference
+    assert (diff.duration_s, diff.requests, diff.steps) == (2.0, 0, 160)
+    assert (diff.prefill_tokens, diff.decode_seqs, diff.decode_batch) == (0, 640, 4)
+    assert (diff.attention_pairs, diff.kv_tokens_read) == (80_000, 730_000)
+    with pytest.raises(ValueError, match="not longer"):
+        _ = DecodeStepSample(short=long, long=short).difference
+
+
+def test_calibration_plan_of_a_preset_and_its_flags() -> None:
+    import argparse
+
+    from concur_langgraph.sim._cli import CALIBRATION_PLANS, calibration_plan
+
+    def args(**kw: object) -> argparse.Namespace:
+        base: dict[str, object] = dict.fromkeys(
+            ("prefill_sizes", "batch_sizes", "contexts", "knees", "long_contexts", "repeats")
+        )
+        return argparse.Namespace(**{**base, "preset": "cpu-medium", **kw})
+
+    plan = calibration_plan(args())
+    assert plan == CALIBRATION_PLANS["cpu-medium"]
+    # Every measurement fits the medium server: decode batches prefill in one step of its
+    # budget, long contexts and their outputs fit its max_model_len and cache.
+    medium = get_preset("cpu-medium")
+    assert max(plan["batch_sizes"]) * max(plan["contexts"]) <= medium.max_num_batched_tokens
+    for batch, context in plan["long_contexts"]:
+        assert context + 128 <= medium.max_model_len
+        assert batch * -(-(context + 128 + 16) // medium.block_size) < medium.num_blocks
+    custom = calibration_plan(args(prefill_sizes="128,4000", long_contexts="2x1000", repeats=1))
+    assert custom["prefill_sizes"] == (128, 4000)
+    assert custom["long_contexts"] == ((2, 1000),)
+    assert custom["repeats"] == 1
+    assert calibration_plan(args(preset="cpu-tiny"))["prefill_sizes"] == (64, 256, 512, 1024)
+    with pytest.raises(ConfigError, match="--long-contexts"):
+        calibration_plan(args(long_contexts="4x"))
+    with pytest.raises(ConfigError, match="--knees"):
+        calibration_plan(args(knees="a"))
+
+
+def test_calibrate_cli_refuses_a_bad_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    from concur_langgraph.cli import main
+
+    argv = ["sim", "calibrate", "--url", "http://127.0.0.1:1", "--preset", "cpu-medium"]
+    assert main([*argv, "--long-contexts", "x"]) == 2
+    assert "--long-contexts: expected BATCHxCONTEXT pairs" in capsys.readouterr().err
+
+
+def test_cpu_medium_preset_is_the_medium_server() -> None:
+    from concur_langgraph.testing.vllm_cpu import MODELS, VLLMServerConfig
+
+    preset, server = get_preset("cpu-medium"), VLLMServerConfig(model="medium")
+    assert preset.kv_capacity_tokens == server.kv_cache_tokens == 8192
+    assert preset.max_model_len == server.resolved_max_model_len()
+    assert preset.cost.kv_bytes_per_token == MODELS["medium"].kv_bytes_per_token
+    assert preset.model_name == "medium"
+    assert preset.reuse_generated_blocks is False
+
+
+def test_the_cpu_medium_plan_recovers_the_presets_constants() -> None:
+    from concur_langgraph.sim._cli import CALIBRATION_PLANS
+
+    # What `concur sim calibrate --preset cpu-medium` measures, on a simulator of the medium
+    # server: it fits (no plan error, no preemption spoiling a run) and finds its constants.
+    # Not exactly: a batch of long prompts is chunked over several steps, and two runs of a
+    # decode-step pair differ by a few prompt tokens, which the difference only nearly cancels.
+    medium = dataclasses.replace(
+        get_preset("cpu-medium"), request_overhead_s=0.0, request_overhead_per_request_s=0.0
+    )
+    fitted = _calibrate_sim(
+        medium,
+        max_num_batched_tokens=medium.max_num_batched_tokens,
+        **CALIBRATION_PLANS["cpu-medium"],
+    )
+    assert fitted.decode_knee_seqs == medium.cost.decode_knee_seqs
+    for name in (*FIELDS, "decode_seq_above_knee_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(medium.cost, name), rel=0.02), name
+    assert fitted.kv_read_token_s == pytest.approx(medium.cost.kv_read_token_s, rel=0.1)
