@@ -54,8 +54,20 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from concur_langgraph import vtime
-from concur_langgraph._adaptive import (
+from concur_langgraph import (
+    BatchProfile,
+    ConcurLaw,
+    ControlLaw,
+    Controller,
+    FixedLaw,
+    Gate,
+    LocalWindow,
+    Sample,
+    vtime,
+)
+from concur_langgraph.bench._bound import agent_steps, lower_bound
+from concur_langgraph.bench._workload import Workload, load_workload, workload_presets
+from concur_langgraph.laws.admit import (
     OPEN,
     AdmitLaw,
     ClimbLaw,
@@ -66,14 +78,6 @@ from concur_langgraph._adaptive import (
     TokenBudgetLaw,
     WorkingSetLaw,
 )
-from concur_langgraph._controller import Controller
-from concur_langgraph._gate import Gate
-from concur_langgraph._laws import ConcurLaw, ControlLaw, FixedLaw
-from concur_langgraph._profile import BatchProfile
-from concur_langgraph._signals import Sample
-from concur_langgraph._window import LocalWindow
-from concur_langgraph.bench._bound import agent_steps, lower_bound
-from concur_langgraph.bench._workload import Workload, load_workload, workload_presets
 from concur_langgraph.sim import EngineMetrics, SimConfig, SimEngine, get_preset
 
 # ---- workloads ------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
-from concur_langgraph._errors import ConcurError, ConfigError
+from concur_langgraph.errors import ConcurError, ConfigError
 
 __all__ = ["register"]
 
@@ -93,7 +93,7 @@ def _fail(message: str) -> int:
 
 
 def _backend(args: argparse.Namespace) -> Any:
-    from ._runner import SimBackend, UrlBackend
+    from concur_langgraph.bench._runner import SimBackend, UrlBackend
 
     if args.url is not None:
         if args.fault:
@@ -163,9 +163,9 @@ def _progress(enabled: bool, total: int) -> Iterator[tuple[Any, Any]]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ._report import failure_text, markdown_table, run_failed
-    from ._runner import run_benchmark
-    from ._workload import load_workload
+    from concur_langgraph.bench._report import failure_text, markdown_table, run_failed
+    from concur_langgraph.bench._runner import run_benchmark
+    from concur_langgraph.bench._workload import load_workload
 
     if args.workload is None or not args.policy or args.json_out is None:
         return _fail("give --workload, at least one --policy, and --json OUT (or -)")
@@ -213,7 +213,7 @@ def _write(records: list[dict[str, Any]], out: TextIO) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ._report import load_records, write_report
+    from concur_langgraph.bench._report import load_records, write_report
 
     try:
         records = load_records(args.records)

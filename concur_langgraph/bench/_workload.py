@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from concur_langgraph._errors import ConfigError
+from concur_langgraph.errors import ConfigError
 
 __all__ = [
     "AgentPlan",

@@ -52,7 +52,7 @@ from types import TracebackType
 
 import httpx
 
-from concur_langgraph._errors import ConcurError, ConfigError
+from concur_langgraph.errors import ConcurError, ConfigError
 
 __all__ = [
     "CONSTRAINTS",

@@ -35,7 +35,8 @@ from typing import Any
 import pytest
 from _crash_support import StoppingSaver
 
-from concur_langgraph import _run_cli, cli
+from concur_langgraph import cli
+from concur_langgraph.cli import run as run_cli
 
 HERE = Path(__file__).resolve().parent
 GRAPH = f"{HERE / 'crash_graph.py'}:graph"
@@ -57,7 +58,7 @@ def _argv(tmp: Path, *extra: str) -> list[str]:
 
 def _with_saver_hooks(hooks: dict[int, Callable[[], None]], counted: list[int]) -> None:
     """Make ``concur run`` open its SQLite saver through a :class:`StoppingSaver`."""
-    real = _run_cli._open_saver
+    real = run_cli._open_saver
 
     @asynccontextmanager
     async def open_saver(path: str) -> AsyncIterator[Any]:
@@ -68,20 +69,20 @@ def _with_saver_hooks(hooks: dict[int, Callable[[], None]], counted: list[int]) 
             finally:
                 counted.append(stopping.writes)
 
-    _run_cli._open_saver = open_saver  # type: ignore[assignment]
+    run_cli._open_saver = open_saver  # type: ignore[assignment]
 
 
 def _run(argv: list[str], *, hooks: dict[int, Callable[[], None]]) -> tuple[int, int, str]:
     """``concur run`` in this process: (exit status, writes, stdout)."""
     counted: list[int] = []
-    real = _run_cli._open_saver
+    real = run_cli._open_saver
     _with_saver_hooks(hooks, counted)
     out = StringIO()
     try:
         with redirect_stdout(out), redirect_stderr(StringIO()):
             code = cli.main(argv)
     finally:
-        _run_cli._open_saver = real  # type: ignore[assignment]
+        run_cli._open_saver = real  # type: ignore[assignment]
     return code, sum(counted), out.getvalue()
 
 
@@ -121,7 +122,7 @@ def _stored(tmp: Path) -> dict[int, Any]:
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
     async def read() -> dict[int, Any]:
-        graph = await _run_cli.resolve_graph(GRAPH)
+        graph = await run_cli.resolve_graph(GRAPH)
         async with AsyncSqliteSaver.from_conn_string(str(tmp / "r.jsonl.checkpoints.sqlite")) as s:
             stored = graph.copy(update={"checkpointer": s})
             return {
