@@ -54,6 +54,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from lab_laws import ClimbLaw, DescentLaw, GoodputLaw, LossAimdLaw, ProbeLaw, WorkingSetLaw
+
 from concur_langgraph import (
     BatchProfile,
     ConcurLaw,
@@ -67,17 +69,8 @@ from concur_langgraph import (
 )
 from concur_langgraph.bench._bound import agent_steps, lower_bound
 from concur_langgraph.bench._workload import Workload, load_workload, workload_presets
-from concur_langgraph.laws.admit import (
-    OPEN,
-    AdmitLaw,
-    ClimbLaw,
-    DescentLaw,
-    GoodputLaw,
-    LossAimdLaw,
-    ProbeLaw,
-    TokenBudgetLaw,
-    WorkingSetLaw,
-)
+from concur_langgraph.core.window import OPEN
+from concur_langgraph.laws.admit import AdmitLaw, TokenBudgetLaw
 from concur_langgraph.sim import EngineMetrics, SimConfig, SimEngine, get_preset
 
 # ---- workloads ------------------------------------------------------------------------------

@@ -102,6 +102,10 @@ def __getattr__(name: str) -> typing.Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'concur_langgraph' has no attribute {name!r}")
+    if name == "ConcurMiddleware":
+        from concur_langgraph.extras import require
+
+        require("langchain.agents", what="ConcurMiddleware (for langchain's create_agent)")
     import importlib
 
     return getattr(importlib.import_module(module), name)

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from concur_langgraph.errors import ConcurError, ConfigError
+from concur_langgraph.extras import require
 
 __all__ = ["register"]
 
@@ -126,8 +127,12 @@ def _sweep(text: str | None) -> list[int] | None:
 @contextmanager
 def _progress(enabled: bool, total: int) -> Iterator[tuple[Any, Any]]:
     """(on_start, on_row) callbacks drawing a rich progress bar on stderr, or no-ops."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    except ImportError:  # no cli extra: no bar (the table at the end is plain text)
+        yield None, None
+        return
 
     console = Console(stderr=True)
     if not enabled or not console.is_terminal:
@@ -163,6 +168,10 @@ def _progress(enabled: bool, total: int) -> Iterator[tuple[Any, Any]]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # The agents are ChatOpenAI graphs; the simulator is an ASGI app.
+    require("langchain_openai", what="concur bench")
+    if args.url is None:
+        require("starlette", what="concur bench on the simulator")
     from concur_langgraph.bench._report import failure_text, markdown_table, run_failed
     from concur_langgraph.bench._runner import run_benchmark
     from concur_langgraph.bench._workload import load_workload

@@ -35,7 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    result: int | None = args.func(args)
+    try:
+        result: int | None = args.func(args)
+    except ImportError as exc:
+        # An optional part that is not installed: its message says what to pip install.
+        if "pip install 'concur-langgraph[" not in str(exc):
+            raise
+        print(f"concur {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return 0 if result is None else int(result)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from concur_langgraph.errors import ConfigError
+from concur_langgraph.extras import require
 
 __all__ = ["register", "run_demo"]
 
@@ -52,6 +53,8 @@ def run_demo(
     *, workload: str, sim_preset: str, policy: str, out: str | Path, console: Any = None
 ) -> tuple[list[dict[str, Any]], Path]:
     """Run the two batches, print the table, write the plot; the records and the plot path."""
+    for module in ("rich", "starlette", "langchain_openai", "matplotlib"):
+        require(module, what="concur demo")
     from rich.console import Console
 
     from concur_langgraph.bench._policies import AUTO, Policy

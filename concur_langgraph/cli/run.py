@@ -48,6 +48,7 @@ from concur_langgraph.cli.results import ResultsWriter, read_results, result_rec
 from concur_langgraph.cli.tasks import Task, TaskFile, input_check, load_tasks
 from concur_langgraph.core.law import ControlLaw
 from concur_langgraph.errors import AgentDrainedError, ConcurError, ConfigError
+from concur_langgraph.extras import require
 from concur_langgraph.laws import registry
 from concur_langgraph.laws.admit import AdmitLaw
 from concur_langgraph.laws.fixed import FixedLaw
@@ -279,13 +280,9 @@ def _signals(loop: asyncio.AbstractEventLoop, handler: Any) -> Iterator[None]:
 
 
 def _open_saver(path: str) -> contextlib.AbstractAsyncContextManager[BaseCheckpointSaver[Any]]:
-    try:
-        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-    except ImportError as exc:
-        raise ConfigError(
-            "--checkpoint: concur run keeps its checkpoints in SQLite, which needs "
-            "langgraph-checkpoint-sqlite: pip install 'concur-langgraph[sqlite]'"
-        ) from exc
+    require("langgraph.checkpoint.sqlite", what="concur run (its checkpoints are in SQLite)")
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
     return AsyncSqliteSaver.from_conn_string(path)
 
 

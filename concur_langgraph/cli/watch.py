@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from concur_langgraph.checks import base_url, metrics_url
 from concur_langgraph.core.signals import Sample, VLLMMetricsSource
 from concur_langgraph.errors import ConfigError, MetricsError
+from concur_langgraph.extras import require
 
 __all__ = ["BatchView", "Snapshot", "VLLMView", "Watcher", "register"]
 
@@ -409,6 +410,7 @@ async def _live(watcher: Watcher, args: argparse.Namespace, out: TextIO) -> None
                 print(f"[{_clock(snapshot.time)}] " + render_text(snapshot), file=out, flush=True)
             await asyncio.sleep(max(0.0, next_at - loop.time()))
 
+    require("rich", what="concur watch's live view (use --json or a pipe without it)")
     from rich.console import Console
     from rich.live import Live
 

@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
 
-from concur_langgraph.errors import ConfigError
+from concur_langgraph.checks import check_count
 
 __all__ = ["OPEN", "AdmissionWindow", "LocalWindow", "Permit", "WindowStatistics", "window_text"]
 
@@ -119,15 +119,6 @@ class AdmissionWindow(Protocol):
         ...
 
 
-def _check_limit(limit: object, field: str = "limit") -> int:
-    # bool is an int subclass; a window of True agents is a bug, not a 1.
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        raise ConfigError(f"{field} must be an int >= 1, got {limit!r}")
-    if limit < 1:
-        raise ConfigError(f"{field} must be >= 1 so a batch can never deadlock, got {limit}")
-    return limit
-
-
 class _Waiter:
     __slots__ = ("agent_id", "future", "parked")
 
@@ -144,7 +135,7 @@ class LocalWindow:
     """
 
     def __init__(self, limit: int = 4) -> None:
-        self._limit = _check_limit(limit)
+        self._limit = check_count("limit", limit, minimum=1)
         # seq -> permit; dict order is admission order because seq only grows.
         self._holders: dict[int, Permit] = {}
         self._waiting_parked: deque[_Waiter] = deque()
@@ -167,7 +158,7 @@ class LocalWindow:
 
     def set_limit_nowait(self, limit: int) -> None:
         """Synchronous :meth:`set_limit` (the local window never needs to wait)."""
-        self._limit = _check_limit(limit)
+        self._limit = check_count("limit", limit, minimum=1)
         self._park_cut = None
         self._wake()
 

@@ -7,23 +7,19 @@ from __future__ import annotations
 
 import sys
 from importlib import resources
-from typing import Any, Final
+from typing import Any
 
 from concur_langgraph.errors import ConfigError
+from concur_langgraph.extras import require
 
 __all__ = ["batch_key", "check_batch_id", "import_redis", "is_redis_window", "lua_script"]
-
-INSTALL_HINT: Final = (
-    "a shared window needs the redis package: pip install 'concur-langgraph[redis]'"
-)
 
 
 def import_redis() -> Any:
     """``redis.asyncio``, or an ImportError saying how to install it."""
-    try:
-        import redis.asyncio as redis_asyncio
-    except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise ImportError(INSTALL_HINT) from exc
+    require("redis", what="a window shared across processes (redis_url, RedisWindow)")
+    import redis.asyncio as redis_asyncio
+
     return redis_asyncio
 
 

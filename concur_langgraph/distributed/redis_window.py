@@ -72,7 +72,8 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from concur_langgraph.core.window import Permit, WindowStatistics, _check_limit
+from concur_langgraph.checks import check_count
+from concur_langgraph.core.window import Permit, WindowStatistics
 from concur_langgraph.distributed.keys import batch_key, check_batch_id, import_redis, lua_script
 from concur_langgraph.errors import ConfigError, WindowBackendError
 
@@ -173,7 +174,7 @@ class RedisWindow:
                 f"redis_url must start with redis://, rediss:// or unix://, got {redis_url!r}"
             )
         self._batch_id = check_batch_id(batch_id)
-        self._initial_limit = _check_limit(initial_limit, "initial_limit")
+        self._initial_limit = check_count("initial_limit", initial_limit, minimum=1)
         if not lease_ttl_s > 0:
             raise ConfigError(f"lease_ttl_s must be > 0, got {lease_ttl_s!r}")
         if heartbeat_s is None:
@@ -238,7 +239,7 @@ class RedisWindow:
 
     async def set_limit_fenced(self, limit: int, *, fence: str | None) -> bool:
         """Resize only while the leader key holds ``fence``; False when fenced out."""
-        limit = _check_limit(limit)
+        limit = check_count("limit", limit, minimum=1)
         await self._ensure_started()
         # Retrying is safe even when fenced: the fence is checked again, atomically, each time.
         reply = await self._call(

@@ -14,19 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from concur_langgraph.core.window import OPEN
-from concur_langgraph.errors import ConfigError
+from concur_langgraph.extras import require
 
 __all__ = ["new_figure", "plot_timeline"]
 
 
 def new_figure(rows: int, *, height: float = 2.2) -> tuple[Any, Any]:
     """A figure with ``rows`` stacked axes sharing the time axis (matplotlib's object API)."""
-    try:
-        from matplotlib.figure import Figure
-    except ModuleNotFoundError as exc:
-        raise ConfigError(
-            "plot: plots need matplotlib: pip install 'concur-langgraph[plot]'"
-        ) from exc
+    require("matplotlib", what="plots")
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(9, height * rows))
     axes = figure.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
     return figure, axes
@@ -45,6 +42,7 @@ def plot_timeline(
     agents' count, the most it can admit) with the agents admitted and queued, and the
     server's running and waiting requests.
     """
+    figure, (signals, gate, server) = new_figure(3)
     t = list(timeline["t"])
     admitted = _values(timeline["admitted"])
     queued = _values(timeline["queued"])
@@ -54,7 +52,6 @@ def plot_timeline(
         (ceiling if ceiling else math.nan) if w is not None and w >= OPEN else _values([w])[0]
         for w in timeline["window"]
     ]
-    figure, (signals, gate, server) = new_figure(3)
     signals.plot(t, _values(timeline["kv_usage"]), label="KV usage", color="C0")
     signals.plot(t, _values(timeline["hit_rate"]), label="prefix hit rate", color="C1")
     signals.set_ylim(0, 1.05)

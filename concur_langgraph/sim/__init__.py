@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import typing
 
+from concur_langgraph.extras import require
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._cost import CostModel
 from concur_langgraph.sim._engine import EngineMetrics, RequestOutput, SimEngine, SimRequest
@@ -66,4 +67,6 @@ def __getattr__(name: str) -> typing.Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'concur_langgraph.sim' has no attribute {name!r}")
+    if module != "concur_langgraph.sim._calibrate":
+        require("starlette", what="the simulator's HTTP server")
     return getattr(importlib.import_module(module), name)

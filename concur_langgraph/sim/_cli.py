@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from concur_langgraph.errors import ConcurError, ConfigError
+from concur_langgraph.extras import require
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._cost import CostModel
 from concur_langgraph.sim._presets import PRESETS, get_preset
@@ -191,6 +192,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
 
+    require("uvicorn", what="concur sim serve")
+    require("starlette", what="concur sim serve")
     import uvicorn
 
     from concur_langgraph.sim._engine import SimEngine

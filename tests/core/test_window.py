@@ -28,7 +28,7 @@ def test_bad_limit_names_the_field(bad: object) -> None:
 
 async def test_set_limit_validates() -> None:
     w = LocalWindow(2)
-    with pytest.raises(ConfigError, match="limit must be >= 1"):
+    with pytest.raises(ConfigError, match="limit: must be an integer >= 1"):
         await w.set_limit(0)
     assert w.limit == 2
 

@@ -52,7 +52,7 @@ async def test_is_an_admission_window(make_window: MakeWindow) -> None:
 
 async def test_set_limit_validates(make_window: MakeWindow) -> None:
     w = make_window(2)
-    with pytest.raises(ConfigError, match="limit must be >= 1"):
+    with pytest.raises(ConfigError, match="limit: must be an integer >= 1"):
         await w.set_limit(0)
     assert w.limit == 2
 
