@@ -40,9 +40,9 @@ EXTRAS: Final = {
 
 
 def require(module: str, *, what: str) -> ModuleType:
-    """Import ``module`` (one of :data:`EXTRAS`); if it is missing, an ImportError naming
-    ``what`` needs it and the exact ``pip install`` that brings it."""
-    extra = EXTRAS[module]
+    """Import ``module`` (one of :data:`EXTRAS`, or a submodule of one); if it is missing, an
+    ImportError naming ``what`` needs it and the exact ``pip install`` that brings it."""
+    extra = EXTRAS.get(module) or EXTRAS[module.partition(".")[0]]
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:

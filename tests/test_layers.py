@@ -116,3 +116,16 @@ def test_optional_parts_are_not_imported_with_the_package() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert done.stdout.split() == []
+
+
+def test_posix_only_modules_are_imported_only_where_used() -> None:
+    """``fcntl`` does not exist on Windows: no module of the package imports it at its top
+    (``concur run`` imports it when it locks; the vLLM test server is Linux-only anyway)."""
+    found = [
+        module
+        for module, path in _package_files().items()
+        if import_graph.layer(module) != "testing"
+        for node in ast.parse(path.read_text(encoding="utf-8")).body
+        if isinstance(node, ast.Import) and any(a.name == "fcntl" for a in node.names)
+    ]
+    assert found == []

@@ -5,8 +5,9 @@
 
 Runs ``python -X importtime`` in a fresh interpreter (so nothing is cached in this process),
 sums the cumulative time of the top-level imports, and says whether each of rich, starlette,
-uvicorn, redis, matplotlib and langchain.agents was loaded. Import time varies with the
-machine's load: compare numbers taken back to back.
+uvicorn, redis, matplotlib, langchain.agents and aiosqlite was loaded, and whether LangGraph
+alone (``import langgraph.graph``) loads it too: a module a dependency loads is not ours to
+defer. Import time varies with the machine's load: compare numbers taken back to back.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ HEAVY = (
     "redis",
     "matplotlib",
     "langchain.agents",
-    "fcntl",
     "aiosqlite",
 )
-"""Modules a gate does not need; ``fcntl`` does not exist on Windows."""
+"""Modules a gate does not need (``fcntl`` is not checked: the standard library imports it on
+POSIX; tests/test_layers.py checks that the package itself imports it only when locking)."""
 
 _PROBE = """
 import sys, io, contextlib
@@ -36,13 +37,18 @@ print("LOADED " + " ".join([m for m in {heavy!r} if m in mods] + ["redis-window"
 """
 
 
-def measure(cli: bool) -> tuple[float, list[str]]:
+def measure(cli: bool | None) -> tuple[float, list[str]]:
+    """(seconds, heavy modules loaded); ``cli=None`` measures ``import langgraph.graph``."""
     body = (
-        "from concur_langgraph import cli\n"
-        "with contextlib.redirect_stdout(io.StringIO()):\n"
-        "    try:\n        cli.main(['--help'])\n    except SystemExit:\n        pass"
-        if cli
-        else "import concur_langgraph"
+        "import langgraph.graph"
+        if cli is None
+        else (
+            "from concur_langgraph import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n        cli.main(['--help'])\n    except SystemExit:\n        pass"
+            if cli
+            else "import concur_langgraph"
+        )
     )
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", _PROBE.format(body=body, heavy=HEAVY)],
@@ -75,8 +81,12 @@ def main() -> int:
     what = "concur --help" if args.cli else "import concur_langgraph"
     times.sort()
     print(f"{what}: {times[len(times) // 2]:.2f} s median of {args.runs} (min {times[0]:.2f})")
+    _, by_langgraph = measure(None)
     for name in (*HEAVY, "redis-window"):
-        print(f"  {name:17} {'loaded' if name in loaded else '-'}")
+        state = "loaded" if name in loaded else "-"
+        if name in loaded and name in by_langgraph:
+            state += " (by langgraph itself)"
+        print(f"  {name:17} {state}")
     return 0
 
 

@@ -2,13 +2,13 @@
 
 Runs one agent of the graph per line of the tasks file through :class:`ConcurGate`, with an
 ``AsyncSqliteSaver`` checkpointer, and appends one result line per agent to ``--out`` as each
-finishes (``_results.py``: one write + fsync per line). docs/batch-cli.md is the user's manual;
+finishes (``cli/results.py``: one write + fsync per line). docs/batch-cli.md is the user's manual;
 the decisions in short:
 
 * ``GRAPH_SPEC`` is ``module:attribute`` (the current directory is importable, as for
   ``uvicorn``) or ``path/to/file.py:attribute``; the attribute may be dotted. It names a
   compiled graph, or a factory taking no arguments (sync or async) that returns one;
-* the tasks file is checked whole before anything starts (``_tasks.py``); with ``--skip-bad``
+* the tasks file is checked whole before anything starts (``cli/tasks.py``); with ``--skip-bad``
   bad lines are reported on stderr, get NO result line (so a later ``--resume`` runs them once
   they are fixed) and do not change the exit status;
 * the batch id (``--batch-id``) defaults to the file name of ``--out`` (``results.jsonl``):

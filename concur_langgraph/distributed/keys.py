@@ -17,10 +17,9 @@ __all__ = ["batch_key", "check_batch_id", "import_redis", "is_redis_window", "lu
 
 def import_redis() -> Any:
     """``redis.asyncio``, or an ImportError saying how to install it."""
-    require("redis", what="a window shared across processes (redis_url, RedisWindow)")
-    import redis.asyncio as redis_asyncio
-
-    return redis_asyncio
+    return require(
+        "redis.asyncio", what="a window shared across processes (redis_url, RedisWindow)"
+    )
 
 
 def batch_key(batch_id: str, name: str) -> str:

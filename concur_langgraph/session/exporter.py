@@ -28,13 +28,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gzip
 import logging
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Final
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder, generate_latest, gzip_accepted
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from concur_langgraph.core.window import OPEN
@@ -289,18 +290,29 @@ class MetricsExporter:
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async with asyncio.timeout(_REQUEST_HEAD_TIMEOUT_S):
             head = await reader.readuntil(b"\r\n\r\n")
-        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        request_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, sep, value in (line.partition(":") for line in header_lines)
+            if sep
+        }
         parts = request_line.split()
         method, target = (parts[0], parts[1]) if len(parts) == 3 else ("", "")
         path = target.split("?", 1)[0]
+        extra = ""
         if method not in ("GET", "HEAD"):
             status, body, ctype = "405 Method Not Allowed", b"only GET /metrics\n", "text/plain"
         elif path != "/metrics":
             status, body, ctype = "404 Not Found", b"the metrics are at /metrics\n", "text/plain"
         else:
-            status, body, ctype = "200 OK", self.render(), CONTENT_TYPE_LATEST
+            # As prometheus_client's own exposition does: the format the Accept header asks
+            # for (Prometheus text, or OpenMetrics), gzip when the scraper accepts it.
+            encoder, ctype = choose_encoder(headers.get("accept", ""))
+            status, body = "200 OK", encoder(self._registry)
+            if gzip_accepted(headers.get("accept-encoding", "")):
+                body, extra = gzip.compress(body), "Content-Encoding: gzip\r\n"
         header = (
-            f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+            f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n{extra}"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode("latin-1")
         writer.write(header if method == "HEAD" else header + body)

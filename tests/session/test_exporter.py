@@ -8,6 +8,7 @@ client and parsed with prometheus_client's own parser, as Prometheus would.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 from collections.abc import Iterator
 
@@ -264,3 +265,29 @@ async def test_a_session_that_fails_to_start_frees_its_port() -> None:
     assert session.closed and session.metrics_url is None
     async with ConcurSession(law=FixedLaw(1), metrics_port=port) as again:  # the port is free
         assert again.metrics_url == f"http://127.0.0.1:{port}/metrics"
+
+
+@virtual_time
+async def test_accept_and_gzip_are_honoured_as_prometheus_clients_exposition_does() -> None:
+    from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
+
+    session = ConcurSession(law=FixedLaw(2))
+    async with MetricsExporter(session.statistics, port=0) as exporter:
+        port = exporter.port
+        assert port is not None
+        plain = await raw(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        head, body = plain.split(b"\r\n\r\n", 1)
+        assert b"Content-Type: text/plain; version=" in head and b"Content-Encoding" not in head
+        assert body == exporter.render()
+
+        asked = b"Accept: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n"
+        open_metrics = await raw(port, b"GET /metrics HTTP/1.1\r\n" + asked + b"\r\n")
+        head, body = open_metrics.split(b"\r\n\r\n", 1)
+        assert f"Content-Type: {OPENMETRICS}".encode() in head
+        assert body.endswith(b"# EOF\n") and b"concur_window 2.0" in body
+
+        zipped = await raw(port, b"GET /metrics HTTP/1.1\r\nAccept-Encoding: gzip, br\r\n\r\n")
+        head, body = zipped.split(b"\r\n\r\n", 1)
+        assert b"Content-Encoding: gzip" in head
+        assert f"Content-Length: {len(body)}".encode() in head
+        assert gzip.decompress(body) == exporter.render()
