@@ -22,6 +22,7 @@ __all__ = [
     "base_urls",
     "check_count",
     "check_number",
+    "check_port",
     "is_count",
     "is_number",
     "metrics_url",
@@ -144,6 +145,16 @@ def check_count(
     raise ConfigError(
         f"{field}: must be {'None or ' if optional else ''}an integer {bounds}, got {value!r}"
     )
+
+
+def check_port(field: str, port: object) -> int:
+    """A TCP port to listen on: 1-65535, or 0 for any free port."""
+    if not (is_count(port) and 0 <= port <= 65535):  # type: ignore[operator]
+        raise ConfigError(
+            f"{field}: must be None, 0 (a free port) or a port number up to 65535, got {port!r}"
+        )
+    assert isinstance(port, int)
+    return port
 
 
 def base_url(field: str, url: object) -> str:

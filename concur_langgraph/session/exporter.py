@@ -38,6 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder, generate_latest, gzip_accepted
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from concur_langgraph.checks import check_port
 from concur_langgraph.core.window import OPEN
 from concur_langgraph.errors import ConfigError
 
@@ -180,16 +181,6 @@ class SessionCollector(Collector):
         yield _gauge("concur_sample_stale", 1.0 if sample.stale else 0.0)
 
 
-def check_metrics_port(port: object) -> int:
-    """``port`` as a TCP port number (0: any free port); :class:`ConfigError` otherwise."""
-    if not (isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535):
-        raise ConfigError(
-            f"metrics_port: must be None, 0 (a free port) or a port number up to 65535, "
-            f"got {port!r}"
-        )
-    return port
-
-
 class MetricsExporter:
     """Serves a session's statistics at ``http://127.0.0.1:PORT/metrics`` while entered.
 
@@ -203,7 +194,7 @@ class MetricsExporter:
     """
 
     def __init__(self, statistics: Callable[[], SessionStatistics], *, port: int = 0) -> None:
-        self._requested_port = check_metrics_port(port)
+        self._requested_port = check_port("metrics_port", port)
         self._registry = CollectorRegistry()
         self._registry.register(SessionCollector(statistics))
         self._server: asyncio.Server | None = None

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from concur_langgraph.checks import base_urls, check_count, check_number
+from concur_langgraph.checks import base_urls, check_count, check_number, check_port
 from concur_langgraph.core.law import ControlLaw, as_control_law
 from concur_langgraph.core.signals import SignalSource
 from concur_langgraph.core.window import OPEN, AdmissionWindow
@@ -21,7 +21,6 @@ from concur_langgraph.distributed.keys import check_batch_id
 from concur_langgraph.errors import ConfigError
 from concur_langgraph.laws.fixed import FixedLaw
 from concur_langgraph.laws.registry import DEFAULT_LAW
-from concur_langgraph.session.exporter import check_metrics_port
 
 if TYPE_CHECKING:
     import httpx
@@ -195,7 +194,7 @@ class SessionOptions:
                 "window), not both"
             )
         if self.metrics_port is not None:
-            check_metrics_port(self.metrics_port)  # its messages name metrics_port
+            check_port("metrics_port", self.metrics_port)
 
     @property
     def urls(self) -> tuple[str, ...]:
