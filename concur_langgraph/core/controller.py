@@ -12,12 +12,13 @@ import asyncio
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
 from concur_langgraph.checks import check_count, check_number
+from concur_langgraph.core.gate import AgentAccount
 from concur_langgraph.core.law import WindowLaw, as_control_law
 from concur_langgraph.core.signals import Sample, SignalSource
 from concur_langgraph.core.window import WindowStatistics, window_text
@@ -150,6 +151,9 @@ class Controller:
         on_change: called with a :class:`WindowChange` each time the controller moves the
             window (the initial window included). An exception it raises stops the controller
             and is raised on exit.
+        accounting: returns the gate's per-agent accounting (:meth:`Gate.accounting`), which
+            each sample then carries to the law (``Sample.agents``); ``None``: samples carry
+            none.
     """
 
     def __init__(
@@ -164,6 +168,7 @@ class Controller:
         initial_window: int = 4,
         clock: Callable[[], float] | None = None,
         on_change: Callable[[WindowChange], object] | None = None,
+        accounting: Callable[[], Sequence[AgentAccount]] | None = None,
     ) -> None:
         interval_s = check_number("interval_s", interval_s, low=0, low_open=True)
         check_count("min_window", min_window, minimum=1)
@@ -186,6 +191,7 @@ class Controller:
         self._initial = initial_window
         self._clock = clock
         self._on_change = on_change
+        self._accounting = accounting
 
         self._task: asyncio.Task[None] | None = None
         self._entered = False
@@ -300,6 +306,9 @@ class Controller:
                 agents_admitted=stats.holders,
                 agents_queued=stats.waiting_new + stats.waiting_parked,
             )
+            self._last_sample = sample
+        if self._accounting is not None:
+            sample = dataclasses.replace(sample, agents=tuple(self._accounting()))
             self._last_sample = sample
         law_proposed = self._law.next_window(current, sample)
         reasons = [self._law.explain(current, sample)]

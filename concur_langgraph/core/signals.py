@@ -44,6 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample as PromSample
 
 from concur_langgraph.checks import base_urls, check_number, metrics_url
+from concur_langgraph.core.gate import AgentAccount
 from concur_langgraph.errors import MetricsError, MetricsUnavailableError, NotVLLMError
 
 __all__ = ["Sample", "SignalSource", "VLLMMetricsSource"]
@@ -98,6 +99,10 @@ class Sample:
     source does not know the window); ``None`` in samples that did not pass through one."""
     agents_queued: int | None = None
     """Agents waiting at the gate now, new and parked. Set by the controller."""
+    agents: tuple[AgentAccount, ...] | None = None
+    """What the gate knows of each of its agents (context in tokens, steps, in a call or
+    not), in admission order: those holding a slot, then those that will be served next.
+    Set by the controller from the gate's accounting; ``None`` without one."""
 
 
 @runtime_checkable

@@ -50,13 +50,15 @@ from types import TracebackType
 from typing import Any, Unpack
 from uuid import UUID
 
-from langchain_core.callbacks import AsyncCallbackHandler
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackManager
+from langchain_core.runnables import RunnableConfig
 
 from concur_langgraph.errors import ConcurError, SyncInvocationError
+from concur_langgraph.integrations.usage import usage_of_result
 from concur_langgraph.session.options import SessionKwargs
 from concur_langgraph.session.session import ConcurSession, SessionUser
 
-__all__ = ["ConcurCallbackHandler"]
+__all__ = ["ConcurCallbackHandler", "find_handler"]
 
 
 class _Root:
@@ -428,6 +430,11 @@ class ConcurCallbackHandler(SessionUser, AsyncCallbackHandler):
     async def on_llm_end(
         self, response: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
     ) -> None:
+        agent_id = self.agent_of(run_id)
+        if agent_id is not None:
+            usage = usage_of_result(response)
+            prompt, completion = usage if usage is not None else (None, None)
+            self.session.gate.after_llm_call(agent_id, prompt, completion)
         await self._run_ended(run_id)
 
     async def on_llm_error(
@@ -438,4 +445,23 @@ class ConcurCallbackHandler(SessionUser, AsyncCallbackHandler):
         parent_run_id: UUID | None = None,
         **kwargs: Any,
     ) -> None:
+        agent_id = self.agent_of(run_id)
+        if agent_id is not None:
+            self.session.gate.after_llm_call(agent_id, None, None)
         await self._run_ended(run_id)
+
+
+def find_handler(config: RunnableConfig) -> ConcurCallbackHandler | None:
+    """The ConcurCallbackHandler among a run's callbacks (``config['callbacks']``), if any."""
+    callbacks = config.get("callbacks")
+    handlers: list[Any]
+    if isinstance(callbacks, BaseCallbackManager):
+        handlers = [*callbacks.handlers, *callbacks.inheritable_handlers]
+    elif isinstance(callbacks, list):
+        handlers = callbacks
+    else:
+        handlers = []
+    for handler in handlers:
+        if isinstance(handler, ConcurCallbackHandler):
+            return handler
+    return None

@@ -51,6 +51,8 @@ from langgraph.runtime import Runtime
 from langgraph.types import Command
 
 from concur_langgraph.errors import ConcurError, SyncInvocationError
+from concur_langgraph.integrations.callbacks import find_handler
+from concur_langgraph.integrations.usage import usage_of_message
 from concur_langgraph.session.options import SessionKwargs
 from concur_langgraph.session.session import ConcurSession, SessionUser
 
@@ -136,10 +138,26 @@ class ConcurMiddleware(SessionUser, AgentMiddleware[ConcurAgentState, Any, Any])
         gate = self.session.gate
         try:
             await gate.before_llm_call(agent_id)
-            return await handler(request)
+            response = await handler(request)
         except BaseException:
             await gate.release(agent_id)
             raise
+        if not self._handler_sees_calls():
+            usage = next(
+                (u for m in response.result if (u := usage_of_message(m)) is not None), None
+            )
+            prompt, completion = usage if usage is not None else (None, None)
+            gate.after_llm_call(agent_id, prompt, completion)
+        return response
+
+    def _handler_sees_calls(self) -> bool:
+        """Whether a ConcurCallbackHandler of this session rides the run (ConcurGate puts one
+        there): it reports each call's usage itself, and reporting twice would count twice."""
+        try:
+            handler = find_handler(get_config())
+        except RuntimeError:  # no runnable context (a direct call in a test)
+            return False
+        return handler is not None and handler.session is self.session
 
     async def awrap_tool_call(
         self,

@@ -24,24 +24,9 @@ from langchain_core.callbacks import BaseCallbackManager
 from langchain_core.runnables import RunnableConfig
 
 from concur_langgraph.errors import ConfigError
-from concur_langgraph.integrations.callbacks import ConcurCallbackHandler
+from concur_langgraph.integrations.callbacks import find_handler
 
 __all__ = ["gate_node"]
-
-
-def _find_handler(config: RunnableConfig) -> ConcurCallbackHandler | None:
-    callbacks = config.get("callbacks")
-    handlers: list[Any]
-    if isinstance(callbacks, BaseCallbackManager):
-        handlers = [*callbacks.handlers, *callbacks.inheritable_handlers]
-    elif isinstance(callbacks, list):
-        handlers = callbacks
-    else:
-        handlers = []
-    for handler in handlers:
-        if isinstance(handler, ConcurCallbackHandler):
-            return handler
-    return None
 
 
 def _parent_run_id(config: RunnableConfig) -> Any:
@@ -53,7 +38,7 @@ def gate_node() -> Callable[[Any, RunnableConfig], Awaitable[None]]:
     """A node that waits at the gate; add it before the LLM node."""
 
     async def admit(state: Any, config: RunnableConfig) -> None:
-        handler = _find_handler(config)
+        handler = find_handler(config)
         if handler is None:
             raise ConfigError(
                 "callbacks: the gate node found no ConcurCallbackHandler in the run's "

@@ -262,6 +262,9 @@ class ConcurSession:
             min_window=opts.min_window,
             max_window=opts.max_window,
             initial_window=initial_window,
+            # A shared window's agents are spread over the workers: this gate knows only its
+            # own, so the leader's law gets no partial accounting (it sizes from the signals).
+            accounting=None if self.distributed else self.gate.accounting,
         )
 
     async def _close_exporter(self) -> None:

@@ -25,7 +25,7 @@ import asyncio
 import json
 import os
 import signal
-import threading
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, redirect_stderr, redirect_stdout
 from io import StringIO
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _crash_support import StoppingSaver
+from _crash_support import StoppingSaver, run_in_child
 
 from concur_langgraph import cli
 from concur_langgraph.cli import run as run_cli
@@ -86,18 +86,19 @@ def _run(argv: list[str], *, hooks: dict[int, Callable[[], None]]) -> tuple[int,
     return code, sum(counted), out.getvalue()
 
 
-def _forked(argv: list[str], hooks: dict[int, Callable[[], None]]) -> int:
-    """``concur run`` in a forked child; its wait status."""
-    assert threading.active_count() == 1, "fork needs a process without other threads"
-    pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = 99
-        try:
-            code, _, _ = _run(argv, hooks=hooks)
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return status
+def _stopping_child(argv: list[str], after: int, stop: str, env: dict[str, str]) -> None:
+    """``concur run`` in a child process that stops itself right after write ``after``."""
+    os.environ.update(env)
+
+    def sigkill() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def ctrl_c_twice() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    code, _, _ = _run(argv, hooks={after: sigkill if stop == "sigkill" else ctrl_c_twice})
+    sys.exit(code)
 
 
 def _records(tmp: Path) -> list[dict[str, Any]]:
@@ -147,21 +148,13 @@ def _stop_then_resume(tmp: Path, after: int, stop: str, monkeypatch: pytest.Monk
         (tmp / name).unlink(missing_ok=True)
     monkeypatch.setenv("CONCUR_TEST_STEP_LOG", str(tmp / "steps.log"))
 
-    def sigkill() -> None:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    def ctrl_c_twice() -> None:
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    status = _forked(_argv(tmp), {after: sigkill if stop == "sigkill" else ctrl_c_twice})
+    env = {"CONCUR_TEST_STEP_LOG": str(tmp / "steps.log")}
+    code = run_in_child(_stopping_child, _argv(tmp), after, stop, env)
     if stop == "sigkill":
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+        assert code == -signal.SIGKILL, (after, code)
     else:
         # 130: stopped. 0: the signals came with the batch's very last writes, and the loop
         # ended before it read them: the batch finished, every task has its result.
-        assert os.WIFEXITED(status), status
-        code = os.WEXITSTATUS(status)
         assert code == 130 or (code == 0 and len(_records(tmp)) == TASKS), (after, code)
     given = _records(tmp)
     stored = _stored(tmp)

@@ -29,14 +29,13 @@ import asyncio
 import collections
 import os
 import signal
-import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pytest
-from _crash_support import ProcessDied, StoppingSaver
+from _crash_support import ProcessDied, StoppingSaver, run_in_child
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, ToolMessage
@@ -271,30 +270,31 @@ def _append(path: Path, index: int) -> None:
         os.close(fd)
 
 
+def _killed_child(
+    graph_name: str, path: str, after: int, durability: Durability, given_log: str
+) -> None:
+    """The first run, in a child that SIGKILLs itself after write ``after``."""
+    graph = GRAPHS[graph_name](Work())
+    store: dict[str, Any] = {"path": Path(path)}
+    _first_run(
+        graph,
+        _sqlite,
+        store,
+        after=after,
+        stop="sigkill",
+        durability=durability,
+        given_log=Path(given_log),
+    )
+
+
 def _first_run_killed(
-    graph: Any, store: dict[str, Any], *, after: int, durability: Durability, given_log: Path
+    graph_name: str, store: dict[str, Any], *, after: int, durability: Durability, given_log: Path
 ) -> list[tuple[int, Any]]:
-    """The first run in a forked child that SIGKILLs itself after write ``after``."""
-    assert threading.active_count() == 1, "fork needs a process without other threads"
-    pid = os.fork()
-    if pid == 0:  # the child: run, and never return into pytest
-        code = 0
-        try:
-            _first_run(
-                graph,
-                _sqlite,
-                store,
-                after=after,
-                stop="sigkill",
-                durability=durability,
-                given_log=given_log,
-            )
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    """The first run in a child process that SIGKILLs itself right after write ``after``."""
+    code = run_in_child(
+        _killed_child, graph_name, str(store["path"]), after, durability, str(given_log)
+    )
+    assert code == -signal.SIGKILL, f"the child exited with {code}, not by SIGKILL"
     lines = given_log.read_text().split() if given_log.exists() else []
     return [(int(line), None) for line in lines]
 
@@ -330,7 +330,7 @@ def _stop_and_resume(
     if stop == "sigkill" and after is not None:
         given_log = tmp / f"given-{after}.txt"
         given = _first_run_killed(
-            graph, store, after=after, durability=durability, given_log=given_log
+            graph_name, store, after=after, durability=durability, given_log=given_log
         )
         writes, stopped = after, True
         work = Work()  # the child's counts died with it; only the resume's are compared
