@@ -73,6 +73,19 @@ METRICS: Final[dict[str, tuple[str, str]]] = {
     ),
     "concur_agents": ("gauge", "Agents of this process by state: active, parked, waiting."),
     "concur_agents_completed": ("counter", "Agents whose run ended (any outcome)."),
+    "concur_agents_in_call": (
+        "gauge",
+        "Agents holding a slot with an LLM call in flight (the rest are in a tool or between steps).",
+    ),
+    "concur_agent_context_tokens": (
+        "gauge",
+        "Sum of the agents' contexts (last prompt + completion tokens) by state: active, parked.",
+    ),
+    "concur_generated_tokens": ("counter", "Completion tokens of the LLM calls of this gate."),
+    "concur_calls_without_usage": (
+        "counter",
+        "LLM calls that ended without token usage (their agents' contexts are not exact).",
+    ),
     "concur_llm_calls": (
         "counter",
         "LLM calls that reached the gate (counted on arrival, before any wait).",
@@ -149,6 +162,17 @@ class SessionCollector(Collector):
             agents.add_metric([state], count)
         yield agents
         yield _counter("concur_agents_completed", gate.completed)
+        yield _gauge("concur_agents_in_call", gate.in_call)
+        tokens = GaugeMetricFamily(
+            "concur_agent_context_tokens",
+            METRICS["concur_agent_context_tokens"][1],
+            labels=["state"],
+        )
+        tokens.add_metric(["active"], gate.tokens_active)
+        tokens.add_metric(["parked"], gate.tokens_parked)
+        yield tokens
+        yield _counter("concur_generated_tokens", gate.tokens_generated)
+        yield _counter("concur_calls_without_usage", gate.usage_missing)
         yield _counter("concur_llm_calls", gate.llm_calls)
         yield _counter("concur_parks", gate.parks_total)
         yield _counter("concur_admissions", window.admitted_total)

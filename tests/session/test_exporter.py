@@ -109,6 +109,12 @@ async def test_scrapes_follow_a_batch_on_the_simulator() -> None:
     assert final[("concur_sample_kv_capacity_tokens", "")] == 64 * 16  # test-tiny's cache
     assert 0.0 <= final[("concur_sample_kv_usage_ratio", "")] <= 1.0
     assert final[("concur_sample_interval_seconds", "")] == pytest.approx(0.5)
+    # The accounting: every answer's 8 tokens generated, the contexts of agents in the window
+    # (between their calls) seen while it ran, nothing left at the end.
+    assert final[("concur_generated_tokens_total", "")] == AGENTS * (STEPS + 1) * 8
+    assert final[("concur_calls_without_usage_total", "")] == 0
+    assert any(s[("concur_agent_context_tokens", "active")] > 0 for s in scrapes)
+    assert final[("concur_agent_context_tokens", "active")] == 0
 
 
 async def test_without_signals_only_the_gate_is_exported() -> None:
