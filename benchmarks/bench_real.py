@@ -55,12 +55,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from concur_langgraph._errors import ConfigError
 from concur_langgraph.bench import _policies
 from concur_langgraph.bench._policies import AUTO, parse_policy
 from concur_langgraph.bench._report import failure_text, run_failed
 from concur_langgraph.bench._runner import UrlBackend, run_one
 from concur_langgraph.bench._workload import load_workload
+from concur_langgraph.errors import ConfigError
 from concur_langgraph.testing.vllm_cpu import flush_prefix_cache
 
 HERE = Path(__file__).resolve().parent

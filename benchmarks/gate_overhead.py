@@ -17,8 +17,7 @@ import platform
 import statistics
 import time
 
-from concur_langgraph._gate import Gate
-from concur_langgraph._window import LocalWindow
+from concur_langgraph import Gate, LocalWindow
 
 
 def _percentile(sorted_ns: list[int], q: float) -> float:

@@ -54,26 +54,23 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from concur_langgraph import vtime
-from concur_langgraph._adaptive import (
-    OPEN,
-    AdmitLaw,
-    ClimbLaw,
-    DescentLaw,
-    GoodputLaw,
-    LossAimdLaw,
-    ProbeLaw,
-    TokenBudgetLaw,
-    WorkingSetLaw,
+from lab_laws import ClimbLaw, DescentLaw, GoodputLaw, LossAimdLaw, ProbeLaw, WorkingSetLaw
+
+from concur_langgraph import (
+    BatchProfile,
+    ConcurLaw,
+    ControlLaw,
+    Controller,
+    FixedLaw,
+    Gate,
+    LocalWindow,
+    Sample,
+    vtime,
 )
-from concur_langgraph._controller import Controller
-from concur_langgraph._gate import Gate
-from concur_langgraph._laws import ConcurLaw, ControlLaw, FixedLaw
-from concur_langgraph._profile import BatchProfile
-from concur_langgraph._signals import Sample
-from concur_langgraph._window import LocalWindow
 from concur_langgraph.bench._bound import agent_steps, lower_bound
 from concur_langgraph.bench._workload import Workload, load_workload, workload_presets
+from concur_langgraph.core.window import OPEN
+from concur_langgraph.laws.admit import AdmitLaw, TokenBudgetLaw
 from concur_langgraph.sim import EngineMetrics, SimConfig, SimEngine, get_preset
 
 # ---- workloads ------------------------------------------------------------------------------

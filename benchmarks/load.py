@@ -51,11 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from concur_langgraph import vtime
-from concur_langgraph._errors import ConfigError
-from concur_langgraph._laws import ControlLaw, FixedLaw
-from concur_langgraph._window import LocalWindow
-from concur_langgraph._wrapper import ConcurGate
+from concur_langgraph import ConcurGate, ConfigError, ControlLaw, FixedLaw, LocalWindow, vtime
 from concur_langgraph.bench._agents import (
     AgentTracker,
     agent_input,

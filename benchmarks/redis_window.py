@@ -34,7 +34,7 @@ import time
 import uuid
 from typing import Any
 
-from concur_langgraph._redis_window import RedisWindow
+from concur_langgraph import RedisWindow
 from concur_langgraph.testing.redis_server import RedisServer
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from concur_langgraph._errors import ConfigError
+from concur_langgraph import ConfigError
 from concur_langgraph.bench._policies import AUTO, LAWS
 from concur_langgraph.bench._report import failure_text, markdown_table, run_failed, write_report
 from concur_langgraph.bench._runner import (

@@ -18,7 +18,7 @@ import argparse
 import json
 from types import MappingProxyType
 
-from concur_langgraph._adaptive import AdmitLaw
+from concur_langgraph import AdmitLaw
 from concur_langgraph.bench import _policies
 from concur_langgraph.bench._runner import UrlBackend, run_one
 from concur_langgraph.bench._workload import load_workload

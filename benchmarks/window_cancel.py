@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import time
 
-from concur_langgraph._window import LocalWindow
+from concur_langgraph import LocalWindow
 
 
 async def _cancel_all(waiters: int) -> float:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import typing
 
-from ._adaptive import AdmitLaw
-from ._callbacks import ConcurCallbackHandler
-from ._controller import Controller, ControllerStatistics, WindowChange
-from ._errors import (
+from concur_langgraph.core.controller import Controller, ControllerStatistics, WindowChange
+from concur_langgraph.core.gate import Gate, GateStatistics
+from concur_langgraph.core.law import ControlLaw
+from concur_langgraph.core.signals import Sample, SignalSource, VLLMMetricsSource
+from concur_langgraph.core.window import AdmissionWindow, LocalWindow, Permit, WindowStatistics
+from concur_langgraph.errors import (
     AdmissionTimeoutError,
     AgentDrainedError,
     ConcurError,
@@ -31,18 +33,20 @@ from ._errors import (
     VirtualTimeDeadlockError,
     WindowBackendError,
 )
-from ._gate import Gate, GateStatistics
-from ._laws import ConcurLaw, ControlLaw, FixedLaw
-from ._middleware import ConcurMiddleware
-from ._node import gate_node
-from ._profile import BatchProfile
-from ._session import ConcurSession, SessionOptions, SessionStatistics
-from ._signals import Sample, SignalSource, VLLMMetricsSource
-from ._window import AdmissionWindow, LocalWindow, Permit, WindowStatistics
-from ._wrapper import ConcurGate
+from concur_langgraph.integrations.callbacks import ConcurCallbackHandler
+from concur_langgraph.integrations.node import gate_node
+from concur_langgraph.integrations.wrapper import ConcurGate
+from concur_langgraph.laws.admit import AdmitLaw
+from concur_langgraph.laws.fixed import FixedLaw
+from concur_langgraph.laws.paper import ConcurLaw
+from concur_langgraph.laws.profile import BatchProfile
+from concur_langgraph.session.options import SessionOptions
+from concur_langgraph.session.session import ConcurSession
+from concur_langgraph.session.statistics import SessionStatistics
 
 if typing.TYPE_CHECKING:
-    from ._redis_window import RedisWindow
+    from concur_langgraph.distributed.redis_window import RedisWindow
+    from concur_langgraph.integrations.middleware import ConcurMiddleware
 
 __version__ = "0.1.0"
 
@@ -86,11 +90,22 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> typing.Any:
-    # The Redis window is an optional extra (pip install concur-langgraph[redis]): import it
-    # only when asked for, so `import concur_langgraph` never needs redis.
-    if name == "RedisWindow":
-        from ._redis_window import RedisWindow
+_LAZY: typing.Final = {
+    # Optional parts, imported when asked for: the Redis window needs the redis extra, and the
+    # middleware imports langchain.agents (seconds of import time a gate does not need).
+    "RedisWindow": "concur_langgraph.distributed.redis_window",
+    "ConcurMiddleware": "concur_langgraph.integrations.middleware",
+}
 
-        return RedisWindow
-    raise AttributeError(f"module 'concur_langgraph' has no attribute {name!r}")
+
+def __getattr__(name: str) -> typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'concur_langgraph' has no attribute {name!r}")
+    if name == "ConcurMiddleware":
+        from concur_langgraph.extras import require
+
+        require("langchain.agents", what="ConcurMiddleware (for langchain's create_agent)")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -80,7 +80,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 
-from concur_langgraph._errors import ConfigError, VirtualTimeDeadlockError
+from concur_langgraph.errors import ConfigError, VirtualTimeDeadlockError
 
 if TYPE_CHECKING:
     from _typeshed import FileDescriptorLike

@@ -37,12 +37,15 @@ from langchain_core.messages import HumanMessage
 from langchain_openai import ChatOpenAI
 from langgraph.graph import END, START, MessagesState, StateGraph
 
-from concur_langgraph._controller import Controller
-from concur_langgraph._laws import ConcurLaw, FixedLaw
-from concur_langgraph._leader import Leadership
-from concur_langgraph._redis_window import RedisWindow
-from concur_langgraph._signals import VLLMMetricsSource
-from concur_langgraph._wrapper import ConcurGate
+from concur_langgraph import (
+    ConcurGate,
+    ConcurLaw,
+    Controller,
+    FixedLaw,
+    RedisWindow,
+    VLLMMetricsSource,
+)
+from concur_langgraph.distributed.leader import Leadership
 
 STEPS = 2
 

@@ -14,6 +14,7 @@ saver (in-memory, SQLite).
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -105,3 +106,32 @@ class StoppingSaver(BaseCheckpointSaver[Any]):
 
     def get_next_version(self, current: Any, channel: None) -> Any:
         return self.disk.get_next_version(current, channel)
+
+
+_PRELOAD = [
+    "concur_langgraph",
+    "langgraph.graph",
+    "langgraph.checkpoint.sqlite.aio",
+    "langchain_core.messages",
+]
+"""Imported once by the fork server, so each child starts in milliseconds."""
+
+
+def run_in_child(target: Callable[..., object], *args: object, timeout_s: float = 120) -> int:
+    """Run ``target(*args)`` in a child process; its exit code (``-9``: SIGKILLed).
+
+    The child is forked from multiprocessing's fork server, a single-threaded process started
+    once per test session with the heavy imports done: forking pytest itself would copy
+    whatever threads its earlier tests left behind. ``target`` and ``args`` must be picklable
+    (a module-level function; paths, names and numbers).
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
+    process = context.Process(target=target, args=args, daemon=True)
+    process.start()
+    process.join(timeout_s)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+        raise AssertionError(f"the child {target.__name__}{args!r} ran past {timeout_s} s")
+    return process.exitcode

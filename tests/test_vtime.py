@@ -27,8 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from concur_langgraph import vtime
-from concur_langgraph._errors import ConcurError, ConfigError
+from concur_langgraph import ConcurError, ConfigError, vtime
 from concur_langgraph.vtime import VirtualEventLoop, VirtualTimeDeadlockError
 
 pytest_plugins = ["pytester"]

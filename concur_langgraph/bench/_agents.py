@@ -36,7 +36,7 @@ from langchain_core.tools import tool
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
-from ._workload import AgentPlan, Workload
+from concur_langgraph.bench._workload import AgentPlan, Workload
 
 __all__ = [
     "AgentState",

@@ -36,10 +36,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from concur_langgraph.bench._workload import AgentPlan, Workload
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._cost import chunk_attention_pairs
-
-from ._workload import AgentPlan, Workload
 
 __all__ = ["LowerBound", "agent_steps", "lower_bound"]
 

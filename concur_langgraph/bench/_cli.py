@@ -29,7 +29,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
-from concur_langgraph._errors import ConcurError, ConfigError
+from concur_langgraph.errors import ConcurError, ConfigError
+from concur_langgraph.extras import require
 
 __all__ = ["register"]
 
@@ -93,7 +94,7 @@ def _fail(message: str) -> int:
 
 
 def _backend(args: argparse.Namespace) -> Any:
-    from ._runner import SimBackend, UrlBackend
+    from concur_langgraph.bench._runner import SimBackend, UrlBackend
 
     if args.url is not None:
         if args.fault:
@@ -126,8 +127,12 @@ def _sweep(text: str | None) -> list[int] | None:
 @contextmanager
 def _progress(enabled: bool, total: int) -> Iterator[tuple[Any, Any]]:
     """(on_start, on_row) callbacks drawing a rich progress bar on stderr, or no-ops."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    except ImportError:  # no cli extra: no bar (the table at the end is plain text)
+        yield None, None
+        return
 
     console = Console(stderr=True)
     if not enabled or not console.is_terminal:
@@ -163,9 +168,13 @@ def _progress(enabled: bool, total: int) -> Iterator[tuple[Any, Any]]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ._report import failure_text, markdown_table, run_failed
-    from ._runner import run_benchmark
-    from ._workload import load_workload
+    # The agents are ChatOpenAI graphs; the simulator is an ASGI app.
+    require("langchain_openai", what="concur bench")
+    if args.url is None:
+        require("starlette", what="concur bench on the simulator")
+    from concur_langgraph.bench._report import failure_text, markdown_table, run_failed
+    from concur_langgraph.bench._runner import run_benchmark
+    from concur_langgraph.bench._workload import load_workload
 
     if args.workload is None or not args.policy or args.json_out is None:
         return _fail("give --workload, at least one --policy, and --json OUT (or -)")
@@ -213,7 +222,7 @@ def _write(records: list[dict[str, Any]], out: TextIO) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ._report import load_records, write_report
+    from concur_langgraph.bench._report import load_records, write_report
 
     try:
         records = load_records(args.records)

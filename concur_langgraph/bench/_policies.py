@@ -7,13 +7,13 @@
 * ``auto``: the gate with its default law and defaults (``ConcurGate(graph, vllm_url=...)``
   with no ``law``): what a user gets, whatever the default becomes;
 * every name in :data:`LAWS`: the gate with that adaptive law, driven by the server's
-  ``/metrics`` (``concur``: the paper's Eq. 1 with its constants, ``W0 = 4``; our laws of
-  ``_adaptive.py`` by their names);
+  ``/metrics`` (``concur``: the paper's Eq. 1 with its constants, ``W0 = 4``; ``admit``: our
+  default law; the registry of ``concur_langgraph/laws/registry.py``);
 * every name in :data:`PEERS`: a peer system's admission idea re-implemented as a law (run
   like the laws above). The real-server benchmark (``benchmarks/bench_real.py``) runs every
   peer by default, so a peer added here joins its comparison with no other change.
 
-To add a law to the benchmarks, add one entry to :data:`LAWS`; a peer, to :data:`PEERS`.
+A law joins the benchmarks by an entry in the package's registry; a peer, in :data:`PEERS`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
-from concur_langgraph import _adaptive
-from concur_langgraph._errors import ConfigError
-from concur_langgraph._laws import ConcurLaw, ControlLaw, FixedLaw
+from concur_langgraph.core.law import ControlLaw
+from concur_langgraph.errors import ConfigError
+from concur_langgraph.laws import registry
+from concur_langgraph.laws.fixed import FixedLaw
 
 __all__ = [
     "AUTO",
@@ -37,24 +38,10 @@ __all__ = [
 ]
 
 
-def _laws() -> dict[str, Callable[[], ControlLaw]]:
-    # The paper's law, constants and all (alpha 2, beta 0.5, U 0.2/0.5, H 0.2), and ours: the
-    # candidates of docs/laws.md, kept by name so their tables can be reproduced.
-    return {
-        "concur": ConcurLaw,
-        "admit": _adaptive.AdmitLaw,
-        "budget": _adaptive.TokenBudgetLaw,
-        "working-set": _adaptive.WorkingSetLaw,
-        "loss-aimd": _adaptive.LossAimdLaw,
-        "goodput": _adaptive.GoodputLaw,
-        "climb": _adaptive.ClimbLaw,
-        "descent": _adaptive.DescentLaw,
-        "probe": _adaptive.ProbeLaw,
-    }
-
-
-LAWS: Final[Mapping[str, Callable[[], ControlLaw]]] = MappingProxyType(_laws())
-"""Adaptive law name -> factory (a fresh law object per run: laws may keep history)."""
+LAWS: Final[Mapping[str, Callable[[], ControlLaw]]] = MappingProxyType(dict(registry.LAWS))
+"""Adaptive law name -> factory (a fresh law object per run: laws may keep history): the
+package's registry (``concur run --law`` reads the same one). The law lab's candidates are
+added by ``benchmarks/law_lab.py`` for its runs."""
 
 PEERS: Final[Mapping[str, Callable[[], ControlLaw]]] = MappingProxyType({})
 """Peer policy name -> factory: other systems' admission ideas (../shared/notes/peers.md) as

@@ -24,8 +24,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from concur_langgraph._errors import ConfigError
-from concur_langgraph._plot import new_figure
+from concur_langgraph.errors import ConfigError
+from concur_langgraph.session.plot import new_figure
 
 __all__ = [
     "FAILED",

@@ -41,19 +41,25 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from concur_langgraph import vtime
-from concur_langgraph._errors import ConfigError, MetricsError
-from concur_langgraph._signals import VLLMMetricsSource
-from concur_langgraph._wrapper import ConcurGate
+from concur_langgraph.bench._agents import (
+    AgentTracker,
+    agent_input,
+    build_agent_graph,
+    recursion_limit,
+    system_prompt,
+)
+from concur_langgraph.bench._bound import lower_bound
+from concur_langgraph.bench._policies import Policy, parse_policy, sweep_windows
+from concur_langgraph.bench._report import FAILED, OK, run_failed
+from concur_langgraph.bench._workload import Workload
+from concur_langgraph.checks import base_url
+from concur_langgraph.core.signals import VLLMMetricsSource
+from concur_langgraph.errors import ConfigError, MetricsError
+from concur_langgraph.integrations.wrapper import ConcurGate
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._faults import Faults
 from concur_langgraph.sim._presets import PRESETS, get_preset
 from concur_langgraph.sim._server import SimServer
-
-from ._agents import AgentTracker, agent_input, build_agent_graph, recursion_limit, system_prompt
-from ._bound import lower_bound
-from ._policies import Policy, parse_policy, sweep_windows
-from ._report import FAILED, OK, run_failed
-from ._workload import Workload
 
 __all__ = [
     "RECORD_KEYS",
@@ -166,13 +172,12 @@ class UrlBackend:
     """Served model name; ``None``: the first one ``/v1/models`` lists."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
-            raise ConfigError(f"url: expected an http(s) URL, got {self.url!r}")
+        base_url("url", self.url)
 
     @property
     def root(self) -> str:
         """The server root (no ``/v1``)."""
-        return self.url.rstrip("/").removesuffix("/v1")
+        return base_url("url", self.url)
 
     @property
     def label(self) -> str:

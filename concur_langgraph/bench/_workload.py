@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from concur_langgraph._errors import ConfigError
+from concur_langgraph.checks import check_count, is_count, is_number
+from concur_langgraph.errors import ConfigError
 
 __all__ = [
     "AgentPlan",
@@ -73,10 +74,6 @@ _DIST_FIELDS: Final[Mapping[str, tuple[bool, float]]] = {
 }
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Distribution:
     """One of ``const``, ``uniform`` or ``lognormal`` (see the module docstring)."""
@@ -104,7 +101,7 @@ class Distribution:
         kind_name = "integer" if integer else "number"
 
         def check(v: object, what: str) -> float:
-            if not isinstance(v, int | float) or not _is_number(v):
+            if not isinstance(v, int | float) or not is_number(v):
                 raise ConfigError(f"{where}.{kind}: {what} must be a finite {kind_name}, got {v!r}")
             if integer and what != "sigma" and not float(v).is_integer():
                 raise ConfigError(f"{where}.{kind}: {what} must be an integer, got {v!r}")
@@ -226,10 +223,8 @@ class Workload:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ConfigError(f"name: must be a non-empty string, got {self.name!r}")
         for field_name in ("agents", "system_prompt_tokens"):
-            value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{field_name}: must be an integer >= 1, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            check_count(field_name, getattr(self, field_name), minimum=1)
+        if not is_count(self.seed):
             raise ConfigError(f"seed: must be an integer, got {self.seed!r}")
         for field_name in _DIST_FIELDS:
             if not isinstance(getattr(self, field_name), Distribution):

@@ -43,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from concur_langgraph._errors import ConcurError, ConfigError
+from concur_langgraph.errors import ConcurError, ConfigError
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._cost import CostModel, chunk_attention_pairs
 

@@ -37,13 +37,16 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from concur_langgraph._errors import ConcurError, ConfigError
+from concur_langgraph.errors import ConcurError, ConfigError
+from concur_langgraph.extras import require
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._cost import CostModel
-from concur_langgraph.sim._faults import FaultInjector, Faults, parse_fault_setting
 from concur_langgraph.sim._presets import PRESETS, get_preset
+
+if TYPE_CHECKING:
+    from concur_langgraph.sim._faults import Faults
 
 __all__ = [
     "config_from_json",
@@ -164,6 +167,9 @@ def parse_tool_call_turns(text: str) -> tuple[int, int]:
 
 def faults_from_settings(settings: list[str] | None) -> Faults:
     """The :class:`Faults` of ``--fault FIELD=VALUE`` options (later ones win)."""
+    # The fault injector is part of the HTTP server (starlette): imported when used.
+    from concur_langgraph.sim._faults import Faults, parse_fault_setting
+
     fields = dict(parse_fault_setting(text) for text in settings or ())
     try:
         return Faults(**fields)  # type: ignore[arg-type]
@@ -191,9 +197,12 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
 
+    require("uvicorn", what="concur sim serve")
+    require("starlette", what="concur sim serve")
     import uvicorn
 
     from concur_langgraph.sim._engine import SimEngine
+    from concur_langgraph.sim._faults import FaultInjector, Faults
     from concur_langgraph.sim._server import create_app
 
     app = create_app(SimEngine(config), faults=FaultInjector(faults))

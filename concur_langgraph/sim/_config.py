@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from concur_langgraph._errors import ConfigError
+from concur_langgraph.checks import check_count, check_number, is_count
+from concur_langgraph.errors import ConfigError
 from concur_langgraph.sim._cost import CostModel
 
 __all__ = ["SimConfig"]
-
-
-def _positive_int(owner: str, name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{owner}.{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,7 +79,7 @@ class SimConfig:
             "max_num_batched_tokens",
             "max_model_len",
         ):
-            _positive_int("SimConfig", name, getattr(self, name))
+            check_count(f"SimConfig.{name}", getattr(self, name), minimum=1)
         if not isinstance(self.cost, CostModel):
             raise ConfigError(f"SimConfig.cost must be a CostModel, got {type(self.cost).__name__}")
         if self.num_blocks * self.block_size < self.max_model_len:
@@ -104,34 +99,18 @@ class SimConfig:
                 "SimConfig.enable_prefix_caching must be a bool, "
                 f"got {self.enable_prefix_caching!r}"
             )
-        _positive_int("SimConfig", "vocab_size", self.vocab_size)
-        if self.vocab_size <= 16:
-            raise ConfigError(f"SimConfig.vocab_size must be > 16, got {self.vocab_size}")
-        if not (
-            isinstance(self.eos_mean_tokens, (int, float))
-            and math.isfinite(self.eos_mean_tokens)
-            and self.eos_mean_tokens > 0
-        ):
-            raise ConfigError(
-                "SimConfig.eos_mean_tokens must be a finite number > 0, "
-                f"got {self.eos_mean_tokens!r}"
-            )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"SimConfig.seed must be an integer, got {self.seed!r}")
+        check_count("SimConfig.vocab_size", self.vocab_size, minimum=17)
+        check_number("SimConfig.eos_mean_tokens", self.eos_mean_tokens, low=0, low_open=True)
+        if not is_count(self.seed):
+            raise ConfigError(f"SimConfig.seed: must be an integer, got {self.seed!r}")
         for name in ("request_overhead_s", "request_overhead_per_request_s"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value < 0
-            ):
-                raise ConfigError(f"SimConfig.{name} must be a finite number >= 0, got {value!r}")
-        share = self.request_overhead_after_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
-            raise ConfigError(
-                f"SimConfig.request_overhead_after_share must be a number in [0, 1], got {share!r}"
-            )
+            check_number(f"SimConfig.{name}", getattr(self, name), low=0)
+        check_number(
+            "SimConfig.request_overhead_after_share",
+            self.request_overhead_after_share,
+            low=0,
+            high=1,
+        )
 
         turns = self.tool_call_turns
         if isinstance(turns, list):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from concur_langgraph._errors import ConfigError
+from concur_langgraph.errors import ConfigError
 
 __all__ = ["CostModel", "chunk_attention_pairs"]
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
-from concur_langgraph._errors import ConfigError
+from concur_langgraph.errors import ConfigError
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._cost import chunk_attention_pairs
 from concur_langgraph.sim._kv import ROOT_HASH, BlockPool, hash_block

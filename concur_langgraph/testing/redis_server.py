@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from .._errors import ConfigError
+from concur_langgraph.errors import ConfigError
 
 __all__ = ["RedisServer", "RedisServerError", "find_redis_server"]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from .._errors import ConcurError
+from concur_langgraph.errors import ConcurError
 
 __all__ = ["ServedSimulator", "served_simulator"]
 

@@ -57,7 +57,7 @@ from typing import Final
 
 import httpx
 
-from concur_langgraph._errors import ConcurError, ConfigError
+from concur_langgraph.errors import ConcurError, ConfigError
 from concur_langgraph.testing.make_tiny_model import SHAPES
 
 __all__ = [

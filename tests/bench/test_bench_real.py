@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from concur_langgraph._laws import FixedLaw
+from concur_langgraph import FixedLaw
 from concur_langgraph.bench import _policies
 from concur_langgraph.bench._runner import SimBackend, run_one
 from concur_langgraph.bench._workload import load_workload

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from concur_langgraph._errors import ConfigError
+from concur_langgraph.errors import ConfigError
 from concur_langgraph.testing import make_tiny_model, vllm_cpu
 from concur_langgraph.testing.make_tiny_model import SHAPES
 from concur_langgraph.testing.vllm_cpu import MODELS, VLLMServerConfig, ensure_model

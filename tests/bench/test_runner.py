@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from concur_langgraph._errors import ConfigError
-from concur_langgraph._laws import ConcurLaw, FixedLaw
+from concur_langgraph import ConcurLaw, ConfigError, FixedLaw
 from concur_langgraph.bench._bound import lower_bound
 from concur_langgraph.bench._policies import LAWS, parse_policy, sweep_windows
 from concur_langgraph.bench._runner import (
@@ -131,7 +130,7 @@ def test_policy_names(tiny_workload: Workload) -> None:
 
 
 def test_url_backend_validates() -> None:
-    with pytest.raises(ConfigError, match="url: expected an http"):
+    with pytest.raises(ConfigError, match="url: 'localhost:8000' is not an http"):
         UrlBackend(url="localhost:8000")
     assert UrlBackend(url="http://h:1/v1/").root == "http://h:1"
 

@@ -7,7 +7,7 @@ from types import MappingProxyType
 
 import pytest
 
-from concur_langgraph._adaptive import AdmitLaw
+from concur_langgraph import AdmitLaw
 from concur_langgraph.bench import _policies
 from concur_langgraph.bench._runner import SimBackend, run_one
 from concur_langgraph.bench._workload import Workload

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from concur_langgraph._errors import ConfigError
+from concur_langgraph import ConfigError
 from concur_langgraph.bench._workload import Workload, load_workload, workload_presets
 from concur_langgraph.sim._presets import get_preset
 

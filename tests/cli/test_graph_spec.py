@@ -11,16 +11,9 @@ from typing import Any
 
 import pytest
 
-from concur_langgraph import cli
-from concur_langgraph._errors import ConfigError
-from concur_langgraph._laws import ConcurLaw, FixedLaw
-from concur_langgraph._run_cli import (
-    RunOptions,
-    default_batch_id,
-    parse_law,
-    resolve_graph,
-    resume_command,
-)
+from concur_langgraph import ConcurLaw, ConfigError, FixedLaw, cli
+from concur_langgraph.cli.graph_spec import resolve_graph
+from concur_langgraph.cli.run import RunOptions, default_batch_id, parse_law, resume_command
 
 HERE = Path(__file__).resolve().parent
 GRAPH_FILE = HERE / "step_graph.py"
@@ -224,7 +217,7 @@ def test_an_existing_out_is_never_overwritten_without_resume(
 def test_resume_refuses_a_tasks_file_whose_finished_line_changed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from concur_langgraph._tasks import input_digest
+    from concur_langgraph.cli.tasks import input_digest
 
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text('{"topic": "a", "rounds": 1}\n{"topic": "b", "rounds": 1}\n')
@@ -253,7 +246,7 @@ def test_resume_refuses_a_tasks_file_whose_finished_line_changed(
 def test_resume_of_a_finished_batch_runs_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from concur_langgraph._tasks import input_digest
+    from concur_langgraph.cli.tasks import input_digest
 
     tasks = tmp_path / "tasks.jsonl"
     task = {"topic": "a", "rounds": 1}

@@ -15,8 +15,8 @@ from langgraph.errors import GraphRecursionError
 from langgraph.types import Interrupt
 from pydantic import TypeAdapter
 
-from concur_langgraph._errors import ConfigError
-from concur_langgraph._results import ResultsWriter, read_results, result_record, to_jsonable
+from concur_langgraph import ConfigError
+from concur_langgraph.cli.results import ResultsWriter, read_results, result_record, to_jsonable
 
 
 def _record(line: int, **extra: Any) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import asyncio
 import json
 import os
 import signal
-import threading
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, redirect_stderr, redirect_stdout
 from io import StringIO
@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _crash_support import StoppingSaver
+from _crash_support import StoppingSaver, run_in_child
 
-from concur_langgraph import _run_cli, cli
+from concur_langgraph import cli
+from concur_langgraph.cli import run as run_cli
 
 HERE = Path(__file__).resolve().parent
 GRAPH = f"{HERE / 'crash_graph.py'}:graph"
@@ -57,7 +58,7 @@ def _argv(tmp: Path, *extra: str) -> list[str]:
 
 def _with_saver_hooks(hooks: dict[int, Callable[[], None]], counted: list[int]) -> None:
     """Make ``concur run`` open its SQLite saver through a :class:`StoppingSaver`."""
-    real = _run_cli._open_saver
+    real = run_cli._open_saver
 
     @asynccontextmanager
     async def open_saver(path: str) -> AsyncIterator[Any]:
@@ -68,35 +69,36 @@ def _with_saver_hooks(hooks: dict[int, Callable[[], None]], counted: list[int]) 
             finally:
                 counted.append(stopping.writes)
 
-    _run_cli._open_saver = open_saver  # type: ignore[assignment]
+    run_cli._open_saver = open_saver  # type: ignore[assignment]
 
 
 def _run(argv: list[str], *, hooks: dict[int, Callable[[], None]]) -> tuple[int, int, str]:
     """``concur run`` in this process: (exit status, writes, stdout)."""
     counted: list[int] = []
-    real = _run_cli._open_saver
+    real = run_cli._open_saver
     _with_saver_hooks(hooks, counted)
     out = StringIO()
     try:
         with redirect_stdout(out), redirect_stderr(StringIO()):
             code = cli.main(argv)
     finally:
-        _run_cli._open_saver = real  # type: ignore[assignment]
+        run_cli._open_saver = real  # type: ignore[assignment]
     return code, sum(counted), out.getvalue()
 
 
-def _forked(argv: list[str], hooks: dict[int, Callable[[], None]]) -> int:
-    """``concur run`` in a forked child; its wait status."""
-    assert threading.active_count() == 1, "fork needs a process without other threads"
-    pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = 99
-        try:
-            code, _, _ = _run(argv, hooks=hooks)
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return status
+def _stopping_child(argv: list[str], after: int, stop: str, env: dict[str, str]) -> None:
+    """``concur run`` in a child process that stops itself right after write ``after``."""
+    os.environ.update(env)
+
+    def sigkill() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def ctrl_c_twice() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    code, _, _ = _run(argv, hooks={after: sigkill if stop == "sigkill" else ctrl_c_twice})
+    sys.exit(code)
 
 
 def _records(tmp: Path) -> list[dict[str, Any]]:
@@ -121,7 +123,7 @@ def _stored(tmp: Path) -> dict[int, Any]:
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
     async def read() -> dict[int, Any]:
-        graph = await _run_cli.resolve_graph(GRAPH)
+        graph = await run_cli.resolve_graph(GRAPH)
         async with AsyncSqliteSaver.from_conn_string(str(tmp / "r.jsonl.checkpoints.sqlite")) as s:
             stored = graph.copy(update={"checkpointer": s})
             return {
@@ -146,21 +148,13 @@ def _stop_then_resume(tmp: Path, after: int, stop: str, monkeypatch: pytest.Monk
         (tmp / name).unlink(missing_ok=True)
     monkeypatch.setenv("CONCUR_TEST_STEP_LOG", str(tmp / "steps.log"))
 
-    def sigkill() -> None:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    def ctrl_c_twice() -> None:
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    status = _forked(_argv(tmp), {after: sigkill if stop == "sigkill" else ctrl_c_twice})
+    env = {"CONCUR_TEST_STEP_LOG": str(tmp / "steps.log")}
+    code = run_in_child(_stopping_child, _argv(tmp), after, stop, env)
     if stop == "sigkill":
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+        assert code == -signal.SIGKILL, (after, code)
     else:
         # 130: stopped. 0: the signals came with the batch's very last writes, and the loop
         # ended before it read them: the batch finished, every task has its result.
-        assert os.WIFEXITED(status), status
-        code = os.WEXITSTATUS(status)
         assert code == 130 or (code == 0 and len(_records(tmp)) == TASKS), (after, code)
     given = _records(tmp)
     stored = _stored(tmp)

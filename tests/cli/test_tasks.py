@@ -19,8 +19,8 @@ from langgraph.graph import START, MessagesState, StateGraph
 from langgraph.graph.message import add_messages
 from pydantic import BaseModel, ConfigDict
 
-from concur_langgraph._errors import ConfigError
-from concur_langgraph._tasks import Task, input_check, input_digest, load_tasks
+from concur_langgraph import ConfigError
+from concur_langgraph.cli.tasks import Task, input_check, input_digest, load_tasks
 
 
 def _write(tmp_path: Path, text: str | bytes, name: str = "tasks.jsonl") -> Path:

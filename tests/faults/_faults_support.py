@@ -19,7 +19,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.types import interrupt
 
-from concur_langgraph._signals import Sample
+from concur_langgraph import Sample
 from concur_langgraph.sim import SimServer
 from concur_langgraph.sim._faults import TimeoutASGITransport
 

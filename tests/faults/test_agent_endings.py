@@ -12,9 +12,7 @@ from _faults_support import STEPS, ToolFailure, agent_graph, chat_model, finishe
 from langgraph.errors import GraphRecursionError
 from langgraph.types import Command
 
-from concur_langgraph import vtime
-from concur_langgraph._laws import FixedLaw
-from concur_langgraph._wrapper import ConcurGate
+from concur_langgraph import ConcurGate, FixedLaw, vtime
 from concur_langgraph.sim import SimServer
 
 WINDOW = 2

@@ -15,10 +15,7 @@ import openai
 import pytest
 from _faults_support import agent_graph, chat_model, finished_ok, tasks
 
-from concur_langgraph import vtime
-from concur_langgraph._callbacks import ConcurCallbackHandler
-from concur_langgraph._laws import FixedLaw
-from concur_langgraph._wrapper import ConcurGate
+from concur_langgraph import ConcurCallbackHandler, ConcurGate, FixedLaw, vtime
 from concur_langgraph.sim import SimServer
 from concur_langgraph.sim._faults import Faults
 

@@ -23,10 +23,8 @@ from _faults_support import (
     watch,
 )
 
-from concur_langgraph import vtime
-from concur_langgraph._callbacks import ConcurCallbackHandler
-from concur_langgraph._signals import DEFAULT_METRICS_TIMEOUT_S
-from concur_langgraph._wrapper import ConcurGate
+from concur_langgraph import ConcurCallbackHandler, ConcurGate, vtime
+from concur_langgraph.core.signals import DEFAULT_METRICS_TIMEOUT_S
 from concur_langgraph.sim import SimServer
 from concur_langgraph.sim._faults import Faults
 

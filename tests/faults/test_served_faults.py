@@ -9,8 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from concur_langgraph._errors import MetricsError, MetricsUnavailableError
-from concur_langgraph._signals import VLLMMetricsSource
+from concur_langgraph import MetricsError, MetricsUnavailableError, VLLMMetricsSource
 from concur_langgraph.cli import main
 from concur_langgraph.testing.sim_process import served_simulator
 

@@ -11,8 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from concur_langgraph import vtime
-from concur_langgraph._errors import ConfigError
+from concur_langgraph import ConfigError, vtime
 from concur_langgraph.sim import SimServer, create_app
 from concur_langgraph.sim._cli import faults_from_settings
 from concur_langgraph.sim._faults import (

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
-from concur_langgraph._callbacks import ConcurCallbackHandler
-from concur_langgraph._laws import FixedLaw
+from concur_langgraph import ConcurCallbackHandler, FixedLaw
 from concur_langgraph.sim import SimServer
 from concur_langgraph.testing.vtime_fixtures import virtual_time
 

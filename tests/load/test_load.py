@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from langchain_core.messages import AIMessage
 
-from concur_langgraph._signals import Sample
+from concur_langgraph import Sample
 from concur_langgraph.testing.vtime_fixtures import virtual_time
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,7 +161,7 @@ def test_sweep_fit_tells_linear_from_quadratic_growth() -> None:
 
 
 def test_settings_name_the_bad_field() -> None:
-    from concur_langgraph._errors import ConfigError
+    from concur_langgraph import ConfigError
 
     with pytest.raises(ConfigError, match="steps_max"):
         load.LoadSettings(steps_min=3, steps_max=2)

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from concur_langgraph._errors import ConfigError
+from concur_langgraph import ConfigError
 from concur_langgraph.testing.vllm_cpu import (
     PINS,
     RealVLLMError,

@@ -9,8 +9,7 @@ import random
 import httpx
 import pytest
 
-from concur_langgraph import vtime
-from concur_langgraph._errors import ConcurError, ConfigError
+from concur_langgraph import ConcurError, ConfigError, vtime
 from concur_langgraph.sim._calibrate import (
     CalibrationSample,
     calibrate,

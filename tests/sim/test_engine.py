@@ -17,8 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from concur_langgraph import vtime
-from concur_langgraph._errors import ConfigError
+from concur_langgraph import ConfigError, vtime
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._cost import CostModel
 from concur_langgraph.sim._engine import EngineMetrics, SimEngine

@@ -10,8 +10,7 @@ from typing import Any
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from concur_langgraph import vtime
-from concur_langgraph._signals import VLLMMetricsSource
+from concur_langgraph import VLLMMetricsSource, vtime
 from concur_langgraph.sim import EngineMetrics, SimServer, get_preset, render_metrics
 from concur_langgraph.sim._metrics import METRICS_CONTENT_TYPE, PREEMPTION_BUCKETS
 

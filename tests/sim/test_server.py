@@ -8,6 +8,7 @@ max_model_len as the ``cpu-tiny`` preset).
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import dataclasses
 import json
@@ -21,8 +22,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
 
-from concur_langgraph import vtime
-from concur_langgraph._errors import ConfigError
+from concur_langgraph import ConfigError, vtime
 from concur_langgraph.sim import SimServer, Tokenizer, create_app, get_preset
 from concur_langgraph.sim._tokenizer import GENERATION_PROMPT_TOKENS, MESSAGE_OVERHEAD
 
@@ -218,6 +218,197 @@ def test_errors_are_vllms_status_and_json_exactly(case: str) -> None:
     assert response.status_code == captured["status"]
     assert response.headers["content-type"] == captured["content_type"]
     assert response.json() == captured["json"]
+
+
+# -- request validation: vLLM's pydantic models in lax mode ----------------------------------
+def _post_all(bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+    async def go(server: SimServer) -> list[httpx.Response]:
+        async with server.http_client() as client:
+            return [await client.post("/v1/chat/completions", json=body) for body in bodies]
+
+    return run(go)
+
+
+def _validation_errors(status: int, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pydantic errors of vLLM's 400 for a refused body, read back from its message."""
+    error = body["error"]
+    assert (status, error["type"], error["code"]) == (400, "Bad Request", 400)
+    head, *lines = error["message"].split("\n  ")
+    assert head == f"{len(lines)} validation error{'s' if len(lines) != 1 else ''}:"
+    errors = [ast.literal_eval(line) for line in lines]
+    assert error["param"] == errors[0]["loc"]
+    return errors
+
+
+def test_the_captured_validation_errors_read_back() -> None:
+    # The reading the tests below rely on, checked on vLLM's own answers.
+    for case in ("missing_messages", "messages_not_list", "max_tokens_not_int", "json_array"):
+        (error,) = _validation_errors(REAL[case]["status"], REAL[case]["json"])
+        assert error.keys() == {"type", "loc", "msg", "input"}
+        assert all(isinstance(value, str) for value in error.values())
+
+
+@pytest.mark.parametrize(
+    ("fields", "completion_tokens"),
+    [
+        ({"max_tokens": "3"}, 3),
+        ({"max_tokens": " 3 "}, 3),
+        ({"max_tokens": 3.0}, 3),
+        ({"max_completion_tokens": "3", "max_tokens": None}, 3),
+        ({"max_tokens": 3, "min_tokens": True}, 3),
+        ({"max_tokens": 3, "ignore_eos": "on"}, 3),
+        ({"max_tokens": 3, "ignore_eos": "yes"}, 3),
+        ({"max_tokens": 3, "ignore_eos": 1.0}, 3),
+        ({"max_tokens": 3, "stream": 0, "temperature": "0.5", "n": "1"}, 3),
+        ({"max_tokens": 3, "stream": None, "n": None, "model": None, "tools": None}, 3),
+        ({"max_tokens": 3, "top_p": 0.9, "user": "me", "no_such_field": {"a": 1}}, 3),
+    ],
+)
+def test_lax_values_nulls_and_unknown_fields_are_accepted_as_pydantic_accepts_them(
+    fields: dict[str, Any], completion_tokens: int
+) -> None:
+    (response,) = _post_all([_chat_body(**{"ignore_eos": True, **fields})])
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == REAL["chat"]["content_type"]
+    assert response.json()["usage"]["completion_tokens"] == completion_tokens
+
+
+INT_PARSING = "Input should be a valid integer, unable to parse string as an integer"
+
+
+@pytest.mark.parametrize(
+    ("fields", "errors"),
+    [
+        (
+            {"max_tokens": 2.5},
+            [
+                (
+                    "int_from_float",
+                    "body.max_tokens",
+                    "Input should be a valid integer, got a number with a fractional part",
+                    "2.5",
+                )
+            ],
+        ),
+        (
+            {"max_tokens": [3]},
+            [
+                (
+                    "int_type",
+                    "body.max_tokens",
+                    "Input should be a valid integer",
+                    "<list of 1 items>",
+                )
+            ],
+        ),
+        (
+            {"min_tokens": None},
+            [("int_type", "body.min_tokens", "Input should be a valid integer", "None")],
+        ),
+        (
+            {"ignore_eos": None},
+            [("bool_type", "body.ignore_eos", "Input should be a valid boolean", "None")],
+        ),
+        (
+            {"ignore_eos": 2},
+            [
+                (
+                    "bool_parsing",
+                    "body.ignore_eos",
+                    "Input should be a valid boolean, unable to interpret input",
+                    "2",
+                )
+            ],
+        ),
+        ({"model": 7}, [("string_type", "body.model", "Input should be a valid string", "7")]),
+        (
+            {"temperature": "hot"},
+            [
+                (
+                    "float_parsing",
+                    "body.temperature",
+                    "Input should be a valid number, unable to parse string as a number",
+                    "hot",
+                )
+            ],
+        ),
+        (
+            {"messages": ["hi", {"content": "hi"}]},
+            [
+                ("dict_type", "body.messages.0", "Input should be a valid dictionary", "hi"),
+                ("missing", "body.messages.1.role", "Field required", "<dict of 1 items>"),
+            ],
+        ),
+        (
+            {"tools": {"type": "function"}},
+            [("list_type", "body.tools", "Input should be a valid list", "<dict of 1 items>")],
+        ),
+        (
+            {"stream": True, "stream_options": {"include_usage": "sometimes"}},
+            [
+                (
+                    "bool_parsing",
+                    "body.stream_options.include_usage",
+                    "Input should be a valid boolean, unable to interpret input",
+                    "sometimes",
+                )
+            ],
+        ),
+        (
+            # Every error, in vLLM's field order: the first one is the param.
+            {"min_tokens": "x", "max_tokens": "x"},
+            [
+                ("int_parsing", "body.max_tokens", INT_PARSING, "x"),
+                ("int_parsing", "body.min_tokens", INT_PARSING, "x"),
+            ],
+        ),
+    ],
+)
+def test_refused_values_get_pydantics_errors_in_vllms_shape(
+    fields: dict[str, Any], errors: list[tuple[str, str, str, str]]
+) -> None:
+    (response,) = _post_all([_chat_body(**fields)])
+    got = _validation_errors(response.status_code, response.json())
+    assert [(e["type"], e["loc"], e["msg"], e["input"]) for e in got] == errors
+    assert all("ctx" not in e for e in got)
+
+
+def test_checks_on_the_raw_body_come_before_its_fields_as_vllms_before_validators() -> None:
+    no_tools, options, empty = _post_all(
+        [
+            _chat_body(max_tokens="x", tool_choice="auto"),
+            _chat_body(max_tokens="x", stream_options={"include_usage": True}),
+            # vLLM tests the raw value: an empty stream_options is no stream_options.
+            _chat_body(max_tokens=3, stream_options={}),
+        ]
+    )
+    assert no_tools.status_code == 400
+    assert no_tools.json()["error"]["param"] == "body"
+    assert "'type': 'value_error'" in no_tools.json()["error"]["message"]
+    assert "max_tokens" not in no_tools.json()["error"]["message"]
+    assert options.json() == REAL["stream_options_without_stream"]["json"]
+    assert empty.status_code == 200
+
+
+def test_a_body_that_is_not_utf8_is_fastapis_parse_error() -> None:
+    async def go(server: SimServer) -> httpx.Response:
+        async with server.http_client() as client:
+            return await client.post(
+                "/v1/chat/completions",
+                content=b'{"messages": "\xff"}',
+                headers={"content-type": "application/json"},
+            )
+
+    response = run(go)
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": {
+            "message": "There was an error parsing the body",
+            "type": "Bad Request",
+            "param": None,
+            "code": 400,
+        }
+    }
 
 
 def test_max_tokens_over_the_room_left_is_clamped_as_vllm_does() -> None:

@@ -20,8 +20,7 @@ from langchain_core.tools import BaseTool, tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, Field
 
-from concur_langgraph import vtime
-from concur_langgraph._errors import ConfigError
+from concur_langgraph import ConfigError, vtime
 from concur_langgraph.sim import SimConfig, SimServer, Tokenizer, get_preset
 from concur_langgraph.sim._cli import parse_tool_call_turns
 from concur_langgraph.sim._tools import arguments_for, plan_tool_call, resolve_tool_choice
