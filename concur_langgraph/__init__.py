@@ -16,7 +16,7 @@ from __future__ import annotations
 import typing
 
 from concur_langgraph.core.controller import Controller, ControllerStatistics, WindowChange
-from concur_langgraph.core.gate import Gate, GateStatistics
+from concur_langgraph.core.gate import AgentAccount, Gate, GateStatistics
 from concur_langgraph.core.law import ControlLaw
 from concur_langgraph.core.signals import Sample, SignalSource, VLLMMetricsSource
 from concur_langgraph.core.window import AdmissionWindow, LocalWindow, Permit, WindowStatistics
@@ -37,6 +37,7 @@ from concur_langgraph.integrations.callbacks import ConcurCallbackHandler
 from concur_langgraph.integrations.node import gate_node
 from concur_langgraph.integrations.wrapper import ConcurGate
 from concur_langgraph.laws.admit import AdmitLaw
+from concur_langgraph.laws.fit import FitLaw
 from concur_langgraph.laws.fixed import FixedLaw
 from concur_langgraph.laws.paper import ConcurLaw
 from concur_langgraph.laws.profile import BatchProfile
@@ -54,6 +55,7 @@ __all__ = [
     "AdmissionTimeoutError",
     "AdmissionWindow",
     "AdmitLaw",
+    "AgentAccount",
     "AgentDrainedError",
     "BatchProfile",
     "ConcurCallbackHandler",
@@ -66,6 +68,7 @@ __all__ = [
     "ControlLaw",
     "Controller",
     "ControllerStatistics",
+    "FitLaw",
     "FixedLaw",
     "Gate",
     "GateStatistics",

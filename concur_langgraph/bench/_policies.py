@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
+from concur_langgraph.bench._peers import ThunderAgentLaw
 from concur_langgraph.core.law import ControlLaw
 from concur_langgraph.errors import ConfigError
 from concur_langgraph.laws import registry
@@ -43,7 +44,9 @@ LAWS: Final[Mapping[str, Callable[[], ControlLaw]]] = MappingProxyType(dict(regi
 package's registry (``concur run --law`` reads the same one). The law lab's candidates are
 added by ``benchmarks/law_lab.py`` for its runs."""
 
-PEERS: Final[Mapping[str, Callable[[], ControlLaw]]] = MappingProxyType({})
+PEERS: Final[Mapping[str, Callable[[], ControlLaw]]] = MappingProxyType(
+    {"thunderagent": ThunderAgentLaw}
+)
 """Peer policy name -> factory: other systems' admission ideas (../shared/notes/peers.md) as
 laws, benchmarked against ours. Names must not clash with :data:`LAWS`."""
 

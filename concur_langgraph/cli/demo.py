@@ -7,10 +7,6 @@ jumping over waits, so the batch's minutes of simulated time take seconds - firs
 ``graph.abatch``, then through ``ConcurGate`` with our default law. It prints a comparison
 table (makespan, tokens/s, preemptions, prefix hit rate, prompt tokens computed) and writes a
 PNG of KV usage, hit rate, window and active agents over time (default ``out/demo.png``).
-
-With the default law (``auto``) it then runs the batch a third time, as a rerun of the same
-agent would: ``AdmitLaw(warm=profile)``, the profile being what the gated batch measured
-(docs/usage.md, "Warm start").
 """
 
 from __future__ import annotations
@@ -57,11 +53,9 @@ def run_demo(
         require(module, what="concur demo")
     from rich.console import Console
 
-    from concur_langgraph.bench._policies import AUTO, Policy
     from concur_langgraph.bench._report import plot_figure
     from concur_langgraph.bench._runner import SimBackend
     from concur_langgraph.bench._workload import load_workload
-    from concur_langgraph.laws.admit import AdmitLaw
 
     con: Console = console if console is not None else Console()
     work = load_workload(workload)
@@ -70,30 +64,11 @@ def run_demo(
         f"[bold]{work.agents} LangGraph ReAct agents[/] on the simulated [bold]{sim_preset}[/] "
         "engine, in virtual time"
     )
-    # With auto, the default law is kept to read its profile afterwards: the same run as
-    # ConcurGate's own default (AdmitLaw, starting open).
-    gated = AdmitLaw() if policy == AUTO else None
-    second: Policy | str = (
-        policy
-        if gated is None
-        else Policy(name=AUTO, law="admit", fixed=None, factory=lambda: gated)
-    )
     labels = ["no admission control", f"ConcurGate ({policy})"]
     records = [
         _run(con, work, "none", backend, "plain graph.abatch"),
-        _run(con, work, second, backend, labels[1]),
+        _run(con, work, policy, backend, labels[1]),
     ]
-    profile = None if gated is None else gated.profile()
-    if profile is not None:
-        warm = AdmitLaw(warm=profile)
-        rerun = Policy(name=f"{AUTO}, warm start", law="admit", fixed=None, factory=lambda: warm)
-        labels.append("rerun, warm start")
-        records.append(_run(con, work, rerun, backend, f"{labels[1]}, {labels[2]}"))
-        start = "open" if warm.start_window is None else f"at {warm.start_window} agents"
-        con.print(
-            f"    warm start: the first gated batch measured {profile.context_per_call:,.0f} "
-            f"tokens per call; the rerun starts {start}"
-        )
     _table(con, records, labels[1:])
     path = Path(out) / "demo.png"
     plot_figure(

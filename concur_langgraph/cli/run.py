@@ -79,8 +79,8 @@ _PROG: Final = "concur run"
 
 
 def parse_law(text: str | None) -> ControlLaw | None:
-    """``--law``: a name of the law registry (``admit``, the default: ``None``; ``concur``;
-    ``static:K``)."""
+    """``--law``: a name of the law registry (``fit``, the default: ``None``; ``admit``;
+    ``concur``; ``static:K``)."""
     return registry.parse_law(text, field="--law")
 
 
@@ -103,7 +103,7 @@ class RunOptions:
     """Base URL of the vLLM server whose ``/metrics`` drive the window (``--url``); only
     ``static:K`` runs without one."""
     law: str | None = None
-    """``--law`` as given: ``admit`` (default), ``concur``, ``static:K``."""
+    """``--law`` as given: ``fit`` (default), ``admit``, ``concur``, ``static:K``."""
     resume: bool = False
     """Continue the batch of an existing ``--out`` (``--resume``)."""
     skip_bad: bool = False
@@ -134,15 +134,16 @@ class RunOptions:
         law = parse_law(self.law)
         if self.url is None and not isinstance(law, FixedLaw):
             raise ConfigError(
-                f"--url: the law {self.law or 'admit'} sizes the window from the server's "
+                f"--url: the law {self.law or 'fit'} sizes the window from the server's "
                 "/metrics, so --url is required (only --law static:K runs without one)"
             )
         if self.url is not None:
             base_url("--url", self.url)
         if self.profile is not None:
-            if law is not None:
+            if self.law not in (None, "admit"):
                 raise ConfigError(
-                    f"--profile: a warm start is the default law's (admit), not {self.law!r}"
+                    f"--profile: a warm start is AdmitLaw's (--law admit, which --profile "
+                    f"implies), not {self.law!r}"
                 )
             if self.redis is not None:
                 raise ConfigError(
@@ -667,7 +668,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("tasks", metavar="TASKS", help="JSON lines, one graph input per line")
     parser.add_argument("--out", required=True, help="results file (JSON lines, appended)")
     parser.add_argument("--url", help="vLLM base URL whose /metrics drive the window")
-    parser.add_argument("--law", help="admit (default) | concur | static:K")
+    parser.add_argument("--law", help="fit (default) | admit | concur | static:K")
     parser.add_argument("--resume", action="store_true", help="continue the batch of --out")
     parser.add_argument(
         "--skip-bad", action="store_true", help="run the good lines; report and skip bad ones"

@@ -173,7 +173,7 @@ class ConcurGate:
     Args:
         graph: a compiled LangGraph graph (any ``Runnable`` with ``ainvoke``/``astream``).
         vllm_url: base URL(s) of the vLLM server(s) whose ``/metrics`` drive the window.
-        law: the control law; ``None`` is ``AdmitLaw()`` (docs/laws.md), ``ConcurLaw()`` is
+        law: the control law; ``None`` is ``FitLaw()`` (docs/laws.md), ``ConcurLaw()`` is
             the paper's. ``FixedLaw(k)`` needs no URL.
         checkpointer: a LangGraph saver for the graph's runs (``None``: the graph's own, if it
             was compiled with one). With one, ``abatch(..., batch_id=...)`` is durable.

@@ -1,6 +1,8 @@
 """Laws by name: the one registry ``concur run --law`` and ``concur bench --policy`` read.
 
-* ``admit``: :class:`AdmitLaw`, the default (:data:`DEFAULT`): what ``law=None`` means;
+* ``fit``: :class:`FitLaw`, the default (:data:`DEFAULT`): what ``law=None`` means;
+* ``admit``: :class:`AdmitLaw`, the previous default (a warm start from a previous batch's
+  profile is its own);
 * ``concur``: :class:`ConcurLaw`, the paper's Eq. 1 with its constants;
 * ``static:K``: :class:`FixedLaw` ``(K)``, a fixed window of K agents.
 
@@ -16,17 +18,18 @@ from typing import Final
 from concur_langgraph.core.law import ControlLaw
 from concur_langgraph.errors import ConfigError
 from concur_langgraph.laws.admit import AdmitLaw
+from concur_langgraph.laws.fit import FitLaw
 from concur_langgraph.laws.fixed import FixedLaw
 from concur_langgraph.laws.paper import ConcurLaw
 
 __all__ = ["DEFAULT", "DEFAULT_LAW", "LAWS", "law_names", "parse_law"]
 
 LAWS: Final[Mapping[str, Callable[[], ControlLaw]]] = MappingProxyType(
-    {"admit": AdmitLaw, "concur": ConcurLaw}
+    {"fit": FitLaw, "admit": AdmitLaw, "concur": ConcurLaw}
 )
 """Adaptive law name -> factory."""
 
-DEFAULT: Final = "admit"
+DEFAULT: Final = "fit"
 """The name of the law a session uses when it is given none."""
 
 DEFAULT_LAW: Final[Callable[[], ControlLaw]] = LAWS[DEFAULT]

@@ -67,10 +67,10 @@ class SessionOptions:
     (``http://host:port`` or ``.../v1``; several for data-parallel replicas). Required by every
     law except ``FixedLaw``."""
     law: ControlLaw | None = None
-    """The control law; ``None`` is :data:`DEFAULT_LAW` (``AdmitLaw()``): it starts with every
-    agent admitted and restricts only when a measured KV budget and a goodput trial say it pays,
-    so it is never the reason a batch is slower (docs/laws.md has the benchmarks that chose it).
-    ``ConcurLaw()`` is the paper's Eq. 1 with its constants."""
+    """The control law; ``None`` is :data:`DEFAULT_LAW` (``FitLaw()``): it starts with every
+    agent admitted and, from the gate's exact account of each agent's context, admits the
+    agents whose contexts fit the KV cache, where restricting pays (docs/laws.md has the
+    benchmarks that chose it). ``ConcurLaw()`` is the paper's Eq. 1 with its constants."""
     interval_s: float = 1.0
     """Seconds between two controller ticks. 1 s is the paper's setting: KV usage moves on the
     scale of a few decode steps times the agent count, and vLLM's counters update every step."""

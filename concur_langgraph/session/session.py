@@ -8,7 +8,7 @@ from the server's KV-cache signals. ``async with session:`` starts and stops the
 
 Which law needs what:
 
-* ``law=None`` means ``AdmitLaw()`` (our default, docs/laws.md), which needs signals:
+* ``law=None`` means ``FitLaw()`` (our default, docs/laws.md), which needs signals:
   ``vllm_url`` (or ``source``) is required; ``ConcurLaw()`` is the paper's law;
 * ``FixedLaw(k)`` needs no URL: the window is ``k`` from the start and never moves. With a URL
   too, the controller still polls (for the statistics and the progress display) and keeps

@@ -132,16 +132,14 @@ def test_demo_prints_the_comparison_and_writes_the_plot(
     assert "demo.png" in printed
 
 
-def test_demo_with_the_default_law_reruns_the_batch_with_a_warm_start(
+def test_demo_runs_the_batch_plain_then_with_the_default_law(
     tiny_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["demo", "--workload", str(tiny_file), "--sim-preset", "test-tiny"]
     assert cli.main([*argv, "--out", str(tmp_path)]) == 0
     printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
-    assert "ConcurGate (auto), rerun, warm start:" in printed
-    # Six small agents fit test-tiny's cache: the measured profile starts the rerun open.
-    assert "warm start: the first gated batch measured" in printed
-    assert "the rerun starts open" in printed
+    assert "plain graph.abatch:" in printed and "ConcurGate (auto):" in printed
+    assert "rerun" not in printed  # the warm-start rerun was AdmitLaw's, no longer the default
     assert (tmp_path / "demo.png").read_bytes()[:8] == PNG
 
 

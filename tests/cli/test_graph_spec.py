@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from concur_langgraph import ConcurLaw, ConfigError, FixedLaw, cli
+from concur_langgraph import AdmitLaw, ConcurLaw, ConfigError, FixedLaw, cli
 from concur_langgraph.cli.graph_spec import resolve_graph
 from concur_langgraph.cli.run import RunOptions, default_batch_id, parse_law, resume_command
 
@@ -81,7 +81,8 @@ def test_a_module_whose_dependency_is_missing_names_the_dependency(
 
 
 @pytest.mark.parametrize(
-    ("text", "kind"), [(None, type(None)), ("admit", type(None)), ("concur", ConcurLaw)]
+    ("text", "kind"),
+    [(None, type(None)), ("fit", type(None)), ("admit", AdmitLaw), ("concur", ConcurLaw)],
 )
 def test_law_names(text: str | None, kind: type) -> None:
     assert isinstance(parse_law(text), kind)

@@ -68,7 +68,11 @@ def test_profile_saves_what_the_batch_measured_and_starts_the_next_from_it(
 @pytest.mark.parametrize(
     ("extra", "content", "message"),
     [
-        (["--law", "concur"], None, r"--profile: a warm start is the default law's \(admit\)"),
+        (
+            ["--law", "concur"],
+            None,
+            r"--profile: a warm start is AdmitLaw's \(--law admit, which --profile implies\)",
+        ),
         (["--redis", "redis://x", "--batch-id", "b"], None, r"--profile: not with --redis"),
         ([], "{not json", r"error: .*p\.json: not JSON"),
         ([], '{"format": "other"}', r"error: .*p\.json: format: expected"),

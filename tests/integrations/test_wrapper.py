@@ -329,7 +329,7 @@ def test_sync_methods_raise_naming_the_async_one() -> None:
 
 def test_bad_options_fail_at_construction_naming_the_field() -> None:
     graph = _tool_loop(Tracker())
-    with pytest.raises(ConfigError, match=r"^vllm_url: the law AdmitLaw"):
+    with pytest.raises(ConfigError, match=r"^vllm_url: the law FitLaw"):
         ConcurGate(graph)
     with pytest.raises(ConfigError, match=r"^vllm_url: 'localhost:8000' is not an http"):
         ConcurGate(graph, vllm_url="localhost:8000")

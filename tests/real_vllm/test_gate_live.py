@@ -342,9 +342,11 @@ async def test_fixed_window_holds_on_the_server_for_every_way_in(
     assert watch.stats, "no gate statistics sampled during the run"
     assert all(s.gate.window.holders <= window == s.gate.window.limit for s in watch.stats)
     assert run.final is not None
-    # The gate node admits before the LLM call, which passes the gate again (fast path).
-    passes = 2 if way == "gate_node" else 1
-    assert run.final.gate.llm_calls == passes * agents * steps, run.final.gate
+    # One count per LLM call, whatever the way in (the gate node admits without counting).
+    assert run.final.gate.llm_calls == agents * steps, run.final.gate
+    # Every call's usage reached the gate's accounting: exactly the tokens the server made.
+    assert run.final.gate.tokens_generated == agents * steps * tokens
+    assert run.final.gate.usage_missing == 0
     assert run.final.gate.window.holders == 0
     assert run.final.gate.completed == agents
 

@@ -90,13 +90,12 @@ def test_the_default_law_says_why_it_keeps_the_window_open() -> None:
     assert stats is not None and stats.controller is not None
     decision = stats.controller.last_decision
     assert decision is not None
-    assert decision.reason.startswith("AdmitLaw free: ")
-    assert "undo_cost_s" in decision.reason or "not measured yet" in decision.reason
+    assert decision.reason.startswith("FitLaw: ")
     text = str(stats)
     assert text.splitlines()[0].startswith("window      open (")
     assert "1048576" not in text
     assert f"{AGENTS} done" in text
-    assert "decision    window kept at open: AdmitLaw free: " in text
+    assert "decision    window kept at open: FitLaw: " in text
 
 
 def test_the_batch_ends_with_a_summary_logged_and_kept(caplog: pytest.LogCaptureFixture) -> None:

@@ -78,7 +78,7 @@ class ScriptedSource:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({}, r"^vllm_url: the law AdmitLaw"),  # the default law
+        ({}, r"^vllm_url: the law FitLaw"),  # the default law
         ({"law": ConcurLaw()}, r"^vllm_url: the law ConcurLaw"),
         ({"vllm_url": []}, r"^vllm_url: expected a URL or a list"),
         ({"vllm_url": "ftp://x"}, r"^vllm_url: 'ftp://x' is not an http"),
