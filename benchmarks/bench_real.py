@@ -61,13 +61,17 @@ from concur_langgraph.bench._report import failure_text, run_failed
 from concur_langgraph.bench._runner import UrlBackend, run_one
 from concur_langgraph.bench._workload import load_workload
 from concur_langgraph.errors import ConfigError
+from concur_langgraph.laws import registry
 from concur_langgraph.testing.vllm_cpu import flush_prefix_cache
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-DEFAULT_WORKLOADS = ("medium-24", "medium-long")
-DEFAULT_SWEEP = (3, 5, 8)
+DEFAULT_WORKLOADS = ("medium-wide",)
+DEFAULT_SWEEP = (8, 12, 16)
 DEFAULT_REPEATS = 3
+DEFAULT_KV_MIB = 256
+"""KV cache of the medium server, MiB (8 KiB per token: 256 MiB holds 32,768 tokens, the
+contexts of about nine medium-wide agents at their end, against 48 agents)."""
 DEFAULT_RECORDS = HERE / "results" / "bench-real.jsonl"
 DEFAULT_OUT = ROOT / "out" / "bench-real"
 DEFAULT_DOCS = ROOT / "docs" / "benchmarks.md"
@@ -84,10 +88,12 @@ RunKey = tuple[str, str, int]
 
 
 def default_policies(sweep: Sequence[int] = DEFAULT_SWEEP) -> list[str]:
-    """No control, the static sweep, the paper's law, the gate's default and every peer (read
-    from the registry when called, so a peer registered there is run here)."""
+    """No control, the static sweep, every law of the registry (the paper's law, the previous
+    default), the gate's default (``auto``) and every peer, read from the registries when
+    called, so a law or a peer registered there is run here."""
+    laws = sorted(name for name in _policies.LAWS if name != registry.DEFAULT)
     peers = sorted(_policies.PEERS)
-    return ["none", *(f"static:{k}" for k in sorted(set(sweep))), "concur", AUTO, *peers]
+    return ["none", *(f"static:{k}" for k in sorted(set(sweep))), *laws, AUTO, *peers]
 
 
 def rotated(policies: Sequence[str], repeat: int) -> list[str]:
@@ -549,10 +555,13 @@ def _split(text: str | None) -> list[str] | None:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
-SERVER_TEXT = (
-    "vllm-cpu 0.32.0 serving the `medium` model (94M parameters, bf16) with a 64 MiB KV cache "
-    "(8,192 tokens, blocks of 128), `--max-model-len 4096`, prefix caching, eager mode"
-)
+def server_text(kv_mib: int) -> str:
+    """The server, in words, for the docs."""
+    return (
+        f"vllm-cpu 0.32.0 serving the `medium` model (94M parameters, bf16) with a {kv_mib} MiB "
+        f"KV cache ({kv_mib * 128:,} tokens, blocks of 128), `--max-model-len 4096`, prefix "
+        "caching, eager mode"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -575,6 +584,12 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--sweep", default=",".join(map(str, DEFAULT_SWEEP)))
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS)
     parser.add_argument("--interval", type=float, default=1.0, help="tick and sampling period")
+    parser.add_argument(
+        "--kv-mib",
+        type=int,
+        default=DEFAULT_KV_MIB,
+        help=f"KV cache of the medium server it starts, MiB (default {DEFAULT_KV_MIB})",
+    )
     parser.add_argument("--records", type=Path, default=DEFAULT_RECORDS)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--docs", type=Path, default=DEFAULT_DOCS)
@@ -605,7 +620,7 @@ def _main(argv: Sequence[str] | None) -> int:
         command = "python benchmarks/bench_real.py " + shlex.join(
             list(argv if argv is not None else sys.argv[1:])
         )
-    server_text = SERVER_TEXT if args.url is None else f"the vLLM at {args.url}"
+    server_words = server_text(args.kv_mib) if args.url is None else f"the vLLM at {args.url}"
     if not args.report_only:
         todo = pending(schedule(workloads, policies, args.repeats), records)
         skipped = len(schedule(workloads, policies, args.repeats)) - len(todo)
@@ -623,7 +638,8 @@ def _main(argv: Sequence[str] | None) -> int:
                 from concur_langgraph.testing.vllm_cpu import VLLMServerConfig, start_server
 
                 print("starting the medium vLLM server...", file=sys.stderr, flush=True)
-                server = start_server(VLLMServerConfig(model="medium"))
+                kv = args.kv_mib * 1024 * 1024
+                server = start_server(VLLMServerConfig(model="medium", kv_cache_memory_bytes=kv))
                 url = server.base_url
             try:
                 run_all(
@@ -645,7 +661,7 @@ def _main(argv: Sequence[str] | None) -> int:
         policies=policies,
         workloads=workloads,
         command=command,
-        server=server_text,
+        server=server_words,
         note=args.note,
         records_path=args.records,
     )

@@ -128,6 +128,19 @@ LAB_WORKLOADS: Mapping[str, dict[str, Any]] = {
 }
 
 
+def lab_preset(name: str) -> SimConfig:
+    """A simulator preset by name, or ``NAME:num_blocks=N`` for that preset with another KV
+    size (a real server started with another ``--kv-cache-memory-bytes``)."""
+    base, _, change = name.partition(":")
+    config = get_preset(base)
+    if change:
+        key, _, value = change.partition("=")
+        if key != "num_blocks":
+            raise SystemExit(f"--preset {name!r}: only num_blocks=N can be changed")
+        config = replace(config, num_blocks=int(value))
+    return config
+
+
 def get_workload(name: str) -> Workload:
     """The harness preset ``name`` if it exists, else the lab's definition, else a JSON path."""
     if name in workload_presets():
@@ -527,7 +540,7 @@ def run_one(
     keep_series: bool = False,
 ) -> RunResult:
     workload = get_workload(workload_name)
-    config = get_preset(preset)
+    config = lab_preset(preset)
     wall = time.perf_counter()
     batch = vtime.run(
         _batch(
@@ -609,7 +622,7 @@ def lifetime_line(workload_name: str, preset: str) -> str:
     the engine sees them: whole history per call) and the KV capacity over the lifetime mean:
     the window a budget would pick if it knew the agents' whole lives in advance."""
     workload = get_workload(workload_name)
-    capacity = get_preset(preset).kv_capacity_tokens
+    capacity = lab_preset(preset).kv_capacity_tokens
     first, mean, final = [], [], []
     for plan in workload.plans():
         # Per call: its whole history when it ends (computed context + new prompt + output).

@@ -9,6 +9,7 @@ a small fast engine for tests and demos.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -173,6 +174,11 @@ CPU_MEDIUM: Final = SimConfig(
     request_overhead_after_share=0.131,
 )
 
+# The same server with a 256 MiB KV cache (--kv-cache-memory-bytes 268435456: 32,768 tokens =
+# 256 blocks of 128), as make bench-real starts it for the medium-wide workload: everything
+# else is the server above (the KV size changes no step cost).
+CPU_MEDIUM_WIDE: Final = dataclasses.replace(CPU_MEDIUM, num_blocks=256)
+
 # ---- test-tiny ---------------------------------------------------------------------------
 # Small and fast for tests and demos: 64 blocks of 16 = 1024 tokens; round time constants.
 TEST_TINY: Final = SimConfig(
@@ -195,6 +201,7 @@ TEST_TINY: Final = SimConfig(
 PRESETS: Final[Mapping[str, SimConfig]] = MappingProxyType(
     {
         "cpu-medium": CPU_MEDIUM,
+        "cpu-medium-wide": CPU_MEDIUM_WIDE,
         "cpu-tiny": CPU_TINY,
         "h100-qwen3-32b-tp2": H100_QWEN3_32B_TP2,
         "test-tiny": TEST_TINY,

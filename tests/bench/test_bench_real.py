@@ -86,9 +86,10 @@ def record(
 def test_default_policies_come_from_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     assert bench_real.default_policies() == [
         "none",
-        "static:3",
-        "static:5",
         "static:8",
+        "static:12",
+        "static:16",
+        "admit",
         "concur",
         "auto",
         *sorted(_policies.PEERS),
@@ -96,7 +97,7 @@ def test_default_policies_come_from_the_registry(monkeypatch: pytest.MonkeyPatch
     # A peer registered later (ThunderAgent, say) joins with no change to the script.
     monkeypatch.setattr(_policies, "PEERS", MappingProxyType({"thunderagent": lambda: FixedLaw(4)}))
     policies = bench_real.default_policies((8, 3))
-    assert policies == ["none", "static:3", "static:8", "concur", "auto", "thunderagent"]
+    assert policies == ["none", "static:3", "static:8", "admit", "concur", "auto", "thunderagent"]
     assert _policies.parse_policy("thunderagent").make_law() == FixedLaw(4)
 
 
@@ -259,6 +260,7 @@ def test_report_only_writes_tables_figures_and_docs(
     out = tmp_path / "out"
     argv = ["--report-only", "--records", str(path), "--out", str(out), "--docs", str(docs)]
     argv += ["--policies", "none,static:3", "--note", "Preliminary: one run each."]
+    argv += ["--workloads", "medium-24,medium-long"]
     assert bench_real.main(argv) == 0
     assert (out / "medium-24.png").exists() and (out / "medium-long.png").exists()
     text = docs.read_text()
@@ -277,6 +279,7 @@ def test_report_exits_1_when_a_run_failed(tmp_path: Path) -> None:
     path = tmp_path / "records.jsonl"
     bench_real.append_record(path, record("none", 110.0, failed=2))
     argv = ["--report-only", "--records", str(path), "--out", str(tmp_path), "--no-docs"]
+    argv += ["--workloads", "medium-24"]
     assert bench_real.main([*argv, "--policies", "none"]) == 1
 
 
