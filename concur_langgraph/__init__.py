@@ -18,13 +18,20 @@ import typing
 from concur_langgraph.core.controller import Controller, ControllerStatistics, WindowChange
 from concur_langgraph.core.gate import AgentAccount, Gate, GateStatistics
 from concur_langgraph.core.law import ControlLaw
-from concur_langgraph.core.signals import Sample, SignalSource, VLLMMetricsSource
+from concur_langgraph.core.signals import (
+    InProcessMetricsSource,
+    MetricsSource,
+    Sample,
+    SignalSource,
+    VLLMMetricsSource,
+)
 from concur_langgraph.core.window import AdmissionWindow, LocalWindow, Permit, WindowStatistics
 from concur_langgraph.errors import (
     AdmissionTimeoutError,
     AgentDrainedError,
     ConcurError,
     ConfigError,
+    MetricsDisabledError,
     MetricsError,
     MetricsUnavailableError,
     NotVLLMError,
@@ -72,8 +79,11 @@ __all__ = [
     "FixedLaw",
     "Gate",
     "GateStatistics",
+    "InProcessMetricsSource",
     "LocalWindow",
+    "MetricsDisabledError",
     "MetricsError",
+    "MetricsSource",
     "MetricsUnavailableError",
     "NotVLLMError",
     "Permit",

@@ -7,7 +7,11 @@ ours and nothing else::
      +-- ConfigError (also ValueError)         an option is invalid; the message names it
      +-- MetricsError                          the /metrics endpoint could not be used
      |    +-- MetricsUnavailableError          connection refused, timeout, HTTP error status
-     |    +-- NotVLLMError                     it answered, but it is not a vLLM server
+     |    +-- NotVLLMError                     it answered, but not with a serving engine's
+     |         |                               series (vLLM's or SGLang's)
+     |         +-- MetricsDisabledError        it is an engine's API server whose statistics
+     |                                         are off (vLLM --disable-log-stats, SGLang
+     |                                         without --enable-metrics)
      +-- AdmissionTimeoutError (also TimeoutError)
      |                                         an agent waited longer than admission_timeout_s
      +-- SyncInvocationError (also RuntimeError)
@@ -31,6 +35,7 @@ __all__ = [
     "AgentDrainedError",
     "ConcurError",
     "ConfigError",
+    "MetricsDisabledError",
     "MetricsError",
     "MetricsUnavailableError",
     "NotVLLMError",
@@ -50,7 +55,7 @@ class ConfigError(ConcurError, ValueError):
 
 
 class MetricsError(ConcurError):
-    """The vLLM ``/metrics`` endpoint could not be read or understood."""
+    """The serving engine's ``/metrics`` endpoint (or registry) could not be read or understood."""
 
 
 class MetricsUnavailableError(MetricsError):
@@ -58,7 +63,14 @@ class MetricsUnavailableError(MetricsError):
 
 
 class NotVLLMError(MetricsError):
-    """The endpoint answered, but its exposition has no ``vllm:`` series."""
+    """The endpoint answered, but its exposition has no serving engine's series (``vllm:``,
+    ``sglang:``)."""
+
+
+class MetricsDisabledError(NotVLLMError):
+    """The endpoint is a serving engine's API server, but it exports no engine statistics: a
+    vLLM started with ``--disable-log-stats``, an SGLang started without ``--enable-metrics``.
+    The message names the flag."""
 
 
 class AdmissionTimeoutError(ConcurError, TimeoutError):

@@ -13,6 +13,8 @@ extra           installs                                       for
 ``redis``       redis                                          a window shared across processes
 ``sqlite``      langgraph-checkpoint-sqlite                    ``concur run`` checkpoints
 ``agents``      langchain                                      ``ConcurMiddleware``
+``ray``         ray                                            ``examples/ray_workers.py`` (the
+                                                               gate itself needs only ``redis``)
 ``all``         all of the above
 ==============  =============================================  ==================================
 """
@@ -35,6 +37,7 @@ EXTRAS: Final = {
     "langgraph.checkpoint.sqlite": "sqlite",
     "aiosqlite": "sqlite",
     "langchain.agents": "agents",
+    "ray": "ray",
 }
 """Top-level module -> the extra that installs it."""
 

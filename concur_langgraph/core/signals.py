@@ -1,7 +1,12 @@
-"""The signal source: vLLM's ``/metrics`` turned into one immutable :class:`Sample` per tick.
+"""The signal source: a serving engine's metrics turned into one immutable :class:`Sample` per tick.
 
-:class:`VLLMMetricsSource` scrapes one or several vLLM servers (data-parallel replicas behind
-one batch), parses the Prometheus text with :mod:`prometheus_client.parser`, and aggregates:
+:class:`MetricsSource` scrapes one or several servers' ``/metrics`` (data-parallel replicas
+behind one batch; vLLM or SGLang, told apart per page by ``core/engines.py``, whose tables say
+what each series means), parses the Prometheus text with :mod:`prometheus_client.parser`, and
+aggregates; :class:`VLLMMetricsSource` is the same source under its first name.
+:class:`InProcessMetricsSource` reads the same series from a ``prometheus_client`` registry of
+this process (an engine run in-process, e.g. vLLM's ``AsyncLLM`` inside a Ray actor, which has
+no HTTP endpoint) and aggregates them the same way:
 
 * over the ``engine`` label (one server with data parallelism exports one series per engine)
   and over endpoints, the same way;
@@ -12,7 +17,10 @@ one batch), parses the Prometheus text with :mod:`prometheus_client.parser`, and
   running / waiting gauges: **summed**; the prefix hit rate is the ratio of the summed interval
   deltas, i.e. weighted by each engine's traffic;
 * KV capacity in tokens: the sum of ``num_gpu_blocks x block_size`` from
-  ``vllm:cache_config_info`` (``None`` unless every engine reports it).
+  ``vllm:cache_config_info``, or of SGLang's ``sglang:max_total_num_tokens`` (``None`` unless
+  every engine reports it);
+* an engine whose hit rate is only a gauge (SGLang before its token counters): the sample's hit
+  rate is the gauge's mean over engines, its prefix queries and hits 0 (unknown).
 
 Counters become interval deltas: the value now minus the value at the previous scrape of the
 same series. A counter that went *down* was reset (server restart), so its delta is its new
@@ -25,11 +33,7 @@ window on it. An endpoint that comes back after a failure has no baseline for th
 just ended, so its counters are re-read as a new baseline and that sample is ``stale`` too. A
 page that lacks counter series it had before (cut short) counts as a missed scrape for its
 counters: the sample is ``stale`` and the missing series keep their baselines.
-Only when every endpoint fails does :meth:`VLLMMetricsSource.sample` raise.
-
-The removed metric names of vLLM before 0.12 (``vllm:gpu_cache_usage_perc``,
-``vllm:gpu_prefix_cache_queries`` / ``_hits``) are read as fallbacks when the current names are
-absent.
+Only when every endpoint fails does :meth:`MetricsSource.sample` raise.
 """
 
 from __future__ import annotations
@@ -37,17 +41,31 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample as PromSample
 
 from concur_langgraph.checks import base_urls, check_number, metrics_url
+from concur_langgraph.core.engines import (
+    COUNTER_NAMES,
+    Reading,
+    SeriesKey,
+    parse_exposition,
+    read_samples,
+)
 from concur_langgraph.core.gate import AgentAccount
-from concur_langgraph.errors import MetricsError, MetricsUnavailableError, NotVLLMError
+from concur_langgraph.errors import ConfigError, MetricsError, MetricsUnavailableError
 
-__all__ = ["Sample", "SignalSource", "VLLMMetricsSource"]
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
+__all__ = [
+    "InProcessMetricsSource",
+    "MetricsSource",
+    "Sample",
+    "SignalSource",
+    "VLLMMetricsSource",
+]
 
 DEFAULT_METRICS_TIMEOUT_S = 5.0
 """A loaded vLLM API server can answer ``/metrics`` slowly (its event loop is busy streaming);
@@ -64,11 +82,13 @@ class Sample:
     kv_usage: float
     """KV-cache usage in 0..1: the maximum over engines and endpoints (the fullest engine)."""
     prefix_hit_rate: float | None
-    """``prefix_hits / prefix_queries`` over the interval; ``None`` when it had no queries."""
+    """``prefix_hits / prefix_queries`` over the interval; ``None`` when it had no queries. On
+    an engine whose hit rate is only a gauge (SGLang before its token counters), the gauge."""
     prefix_queries: int
-    """Prefix-cache lookups over the interval, in tokens, summed."""
+    """Prefix-cache lookups over the interval, in tokens, summed (0 where the engine exports
+    only a hit-rate gauge)."""
     prefix_hits: int
-    """Prefix-cache hits over the interval, in tokens, summed."""
+    """Prefix-cache hits over the interval, in tokens, summed (0 where only a gauge)."""
     preemptions: int
     """Requests preempted (recomputed) over the interval, summed."""
     prompt_tokens: int
@@ -92,8 +112,9 @@ class Sample:
     """Age of the oldest data the sample stands for: 0 when every endpoint answered now,
     else how long ago the failed endpoints last answered."""
     requests_finished: int | None = None
-    """Requests that finished over the interval (``vllm:request_success_total``, every
-    finish reason), summed; ``None`` when no endpoint exports the series."""
+    """Requests that finished over the interval (``vllm:request_success_total`` every finish
+    reason, ``sglang:num_requests_total``), summed; ``None`` when no endpoint exports the series
+    (or only with a hit-rate gauge: see ``core/engines.py``)."""
     agents_admitted: int | None = None
     """Agents holding a slot of the admission window now. Set by the controller (the signal
     source does not know the window); ``None`` in samples that did not pass through one."""
@@ -123,155 +144,18 @@ class SignalSource(Protocol):
         ...
 
 
-# Canonical counter -> exposed sample names, current name first, removed (pre-0.12) name second.
-_COUNTERS: Mapping[str, tuple[str, ...]] = {
-    "prefix_queries": (
-        "vllm:prefix_cache_queries_total",
-        "vllm:gpu_prefix_cache_queries_total",
-    ),
-    "prefix_hits": ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"),
-    "preemptions": ("vllm:num_preemptions_total",),
-    "prompt_tokens": ("vllm:prompt_tokens_total",),
-    "generation_tokens": ("vllm:generation_tokens_total",),
-    "requests_finished": ("vllm:request_success_total",),
-}
-_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
-_RUNNING = "vllm:num_requests_running"
-_WAITING = "vllm:num_requests_waiting"
-_WAITING_BY_REASON = "vllm:num_requests_waiting_by_reason"
-_CACHE_CONFIG = "vllm:cache_config_info"
-
-_WANTED = (
-    *(name for names in _COUNTERS.values() for name in names),
-    *_KV_USAGE,
-    _RUNNING,
-    _WAITING,
-    _WAITING_BY_REASON,
-    _CACHE_CONFIG,
-)
-
-_SeriesKey = tuple[str, frozenset[tuple[str, str]]]
-
-
-@dataclass(slots=True, kw_only=True)
-class _Scrape:
-    """What one endpoint said in one scrape."""
-
-    kv_usage: float
-    running: float
-    waiting: float
-    waiting_capacity: float | None
-    capacity_tokens: int | None
-    counters: dict[_SeriesKey, float]
-
-
 @dataclass(slots=True)
 class _Endpoint:
-    metrics_url: str
-    counters: dict[_SeriesKey, float] = field(default_factory=dict)
+    name: str
+    counters: dict[SeriesKey, float] = field(default_factory=dict)
     last_ok_round: int = -1
     last_ok_time: float | None = None
 
 
-def _snippet(text: str, limit: int = 60) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[:limit] + "..."
-
-
-def _samples(text: str) -> list[PromSample]:
-    return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
-
-
-def _diagnose(metrics_url: str, text: str) -> MetricsError:
-    """Why a page gave none of the series we read: the error to raise, with what was found."""
-    if not text.strip():
-        return NotVLLMError(f"{metrics_url} answered with an empty page, no vllm: series")
-    if text.lstrip().startswith("<"):
-        return MetricsError(
-            f"{metrics_url} answered with HTML, not Prometheus metrics "
-            f"(starts with {_snippet(text)!r}); vllm_url should be the vLLM server's base URL"
-        )
-    try:
-        samples = _samples(text)
-    except ValueError as exc:
-        return _chain(
-            MetricsError(
-                f"{metrics_url} did not answer with Prometheus text ({exc}; "
-                f"page starts with {_snippet(text)!r})"
-            ),
-            exc,
-        )
-    names = sorted({s.name for s in samples})
-    if any(name.startswith("vllm:") for name in names):
-        return MetricsError(
-            f"{metrics_url} has vllm: series but not {_KV_USAGE[0]}; "
-            "this vLLM version is not supported"
-        )
-    found = f"{len(names)} other series, e.g. {', '.join(names[:3])}" if names else "none"
-    return NotVLLMError(
-        f"{metrics_url} answered, but with no vllm: series (found {found}); "
-        "is vllm_url a vLLM server?"
-    )
-
-
-def _parse(metrics_url: str, text: str) -> _Scrape:
-    """Parse one exposition; raise :class:`MetricsError` / :class:`NotVLLMError` with the why."""
-    # A vLLM page is ~600 lines, most of them histogram buckets we never read. Parsing only the
-    # lines of the series we use keeps the event loop free: 6.5 ms -> 0.5 ms per engine measured
-    # on tests/data/vllm_cpu_0.32.0_metrics.txt. Any other page gets a full parse to say why.
-    wanted = "".join(line + "\n" for line in text.splitlines() if line.startswith(_WANTED))
-    try:
-        samples = _samples(wanted)
-    except ValueError:
-        samples = []
-    by_name: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for s in samples:
-        by_name.setdefault(s.name, []).append((dict(s.labels), float(s.value)))
-
-    usage_series = next((by_name[n] for n in _KV_USAGE if n in by_name), None)
-    if usage_series is None:
-        raise _diagnose(metrics_url, text)
-
-    def total(name: str) -> float:
-        return sum(value for _, value in by_name.get(name, ()))
-
-    waiting_capacity: float | None = None
-    if _WAITING_BY_REASON in by_name:
-        waiting_capacity = sum(
-            v for labels, v in by_name[_WAITING_BY_REASON] if labels.get("reason") == "capacity"
-        )
-
-    capacity: int | None = None
-    configs = by_name.get(_CACHE_CONFIG, [])
-    if configs:
-        try:
-            capacity = sum(int(lb["num_gpu_blocks"]) * int(lb["block_size"]) for lb, _ in configs)
-        except (KeyError, ValueError):
-            # Labels missing or "None" (vLLM sets them after memory profiling): unknown.
-            capacity = None
-
-    counters: dict[_SeriesKey, float] = {}
-    for canonical, candidates in _COUNTERS.items():
-        name = next((n for n in candidates if n in by_name), None)
-        if name is None:
-            continue
-        for labels, value in by_name[name]:
-            counters[(canonical, frozenset(labels.items()))] = value
-
-    return _Scrape(
-        kv_usage=max(v for _, v in usage_series),
-        running=total(_RUNNING),
-        waiting=total(_WAITING),
-        waiting_capacity=waiting_capacity,
-        capacity_tokens=capacity,
-        counters=counters,
-    )
-
-
 def _deltas(
-    previous: Mapping[_SeriesKey, float], now: Mapping[_SeriesKey, float]
+    previous: Mapping[SeriesKey, float], now: Mapping[SeriesKey, float]
 ) -> dict[str, float]:
-    out = dict.fromkeys(_COUNTERS, 0.0)
+    out = dict.fromkeys(COUNTER_NAMES, 0.0)
     for key, value in now.items():
         before = previous.get(key)
         # Went down: the server restarted and the counter began again at 0. New: same.
@@ -279,58 +163,44 @@ def _deltas(
     return out
 
 
-class VLLMMetricsSource:
-    """Samples one or several vLLM servers through their Prometheus ``/metrics`` endpoint.
+class _ReadingSource:
+    """Readings of several endpoints in, one :class:`Sample` per call out (the aggregation,
+    counter baselines and staleness rules of the module docstring). A subclass says how one
+    round of readings is taken."""
 
-    Args:
-        urls: one base URL or a list of them (data-parallel replicas of one model), each
-            ``http://host:port``, ``http://host:port/v1`` or ``.../metrics``.
-        client: an :class:`httpx.AsyncClient` to use (tests pass one on a mock or ASGI
-            transport); the caller keeps owning it. By default the source creates and closes
-            its own.
-        timeout_s: per-request timeout of a scrape.
-    """
+    _what = "metrics endpoint"
 
-    def __init__(
-        self,
-        urls: str | Sequence[str],
-        *,
-        client: httpx.AsyncClient | None = None,
-        timeout_s: float = DEFAULT_METRICS_TIMEOUT_S,
-    ) -> None:
-        bases = base_urls("vllm_url", urls)
-        self._timeout_s = check_number("timeout_s", timeout_s, low=0, low_open=True)
-        self._endpoints = [_Endpoint(metrics_url(base)) for base in bases]
-        self._client = client
-        self._owns_client = client is None
+    def __init__(self, names: Sequence[str]) -> None:
+        self._endpoints = [_Endpoint(name) for name in names]
         self._round = -1
         self._round_time: float | None = None
         self._first_sample_time: float | None = None
 
-    @property
-    def metrics_urls(self) -> tuple[str, ...]:
-        """The ``/metrics`` URLs scraped, in the order given."""
-        return tuple(ep.metrics_url for ep in self._endpoints)
+    async def _open(self) -> None:
+        """Acquire what reading needs (an HTTP client); called by :meth:`start`."""
+
+    async def _read_all(self) -> list[Reading | MetricsError]:
+        """One reading per endpoint, in order; a failure is returned, not raised."""
+        raise NotImplementedError
 
     async def start(self) -> None:
-        """Scrape every endpoint once: fail fast on a wrong URL, and take counter baselines."""
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout_s)
-        results = await self._scrape_all()
+        """Read every endpoint once: fail fast on a wrong URL, and take counter baselines."""
+        await self._open()
+        results = await self._read_all()
         for result in results:
             if isinstance(result, MetricsError):
                 raise result
         self._round = 0
         for ep, result in zip(self._endpoints, results, strict=True):
-            assert isinstance(result, _Scrape)
+            assert isinstance(result, Reading)
             ep.counters = result.counters
             ep.last_ok_round = 0
 
     async def sample(self, now: float) -> Sample:
-        """Scrape every endpoint concurrently and aggregate; see the module docstring."""
+        """Read every endpoint and aggregate; see the module docstring."""
         if self._round < 0:
-            raise RuntimeError("VLLMMetricsSource.sample() called before start()")
-        results = await self._scrape_all()
+            raise RuntimeError(f"{type(self).__name__}.sample() called before start()")
+        results = await self._read_all()
         previous_round, previous_time = self._round, self._round_time
         self._round += 1
         self._round_time = now
@@ -342,7 +212,7 @@ class VLLMMetricsSource:
             if len(errors) == 1:
                 raise errors[0]
             kind = type(errors[0]) if all(type(e) is type(errors[0]) for e in errors) else None
-            message = "every vLLM metrics endpoint failed: " + "; ".join(map(str, errors))
+            message = f"every {self._what} failed: " + "; ".join(map(str, errors))
             raise (kind or MetricsError)(message) from errors[0]
 
         stale = bool(errors)
@@ -351,7 +221,8 @@ class VLLMMetricsSource:
         running = waiting = 0.0
         waiting_capacity: float | None = None
         capacity: int | None = 0
-        totals = dict.fromkeys(_COUNTERS, 0.0)
+        hit_gauges: list[float] = []
+        totals = dict.fromkeys(COUNTER_NAMES, 0.0)
         staleness = 0.0
         for ep, result in zip(self._endpoints, results, strict=True):
             if isinstance(result, MetricsError):
@@ -370,6 +241,8 @@ class VLLMMetricsSource:
                 if capacity is None or result.capacity_tokens is None
                 else capacity + result.capacity_tokens
             )
+            if result.hit_rate is not None:
+                hit_gauges.append(result.hit_rate)
             has_finished = has_finished or any(
                 key[0] == "requests_finished" for key in result.counters
             )
@@ -391,11 +264,19 @@ class VLLMMetricsSource:
             ep.last_ok_time = now
 
         queries, hits = totals["prefix_queries"], totals["prefix_hits"]
+        hit_rate: float | None
+        if queries > 0:
+            # Hits and queries are read from two series at slightly different moments; cap at 1.
+            hit_rate = min(1.0, hits / queries)
+        elif hit_gauges:
+            # An engine that exports only a hit-rate gauge: no traffic weights, a plain mean.
+            hit_rate = sum(hit_gauges) / len(hit_gauges)
+        else:
+            hit_rate = None
         return Sample(
             time=now,
             kv_usage=kv_usage,
-            # Hits and queries are read from two series at slightly different moments; cap at 1.
-            prefix_hit_rate=min(1.0, hits / queries) if queries > 0 else None,
+            prefix_hit_rate=hit_rate,
             prefix_queries=round(queries),
             prefix_hits=round(hits),
             preemptions=round(totals["preemptions"]),
@@ -412,17 +293,66 @@ class VLLMMetricsSource:
         )
 
     async def aclose(self) -> None:
+        """Release what :meth:`start` acquired."""
+
+
+class MetricsSource(_ReadingSource):
+    """Samples one or several serving engines through their Prometheus ``/metrics`` endpoint.
+
+    Each page is read with the table of the engine that exported it (vLLM, SGLang; see
+    ``core/engines.py``), so one source can even mix them.
+
+    Args:
+        urls: one base URL or a list of them (data-parallel replicas of one model), each
+            ``http://host:port``, ``http://host:port/v1`` or ``.../metrics``.
+        client: an :class:`httpx.AsyncClient` to use (tests pass one on a mock or ASGI
+            transport); the caller keeps owning it. By default the source creates and closes
+            its own.
+        timeout_s: per-request timeout of a scrape.
+        field: the option the URLs came from, named in error messages (``metrics_url``, or
+            ``vllm_url`` for a gate given that option).
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        client: httpx.AsyncClient | None = None,
+        timeout_s: float = DEFAULT_METRICS_TIMEOUT_S,
+        field: str = "metrics_url",
+    ) -> None:
+        if field not in ("metrics_url", "vllm_url"):
+            raise ConfigError(f"field: must be 'metrics_url' or 'vllm_url', got {field!r}")
+        self._field = field
+        bases = base_urls(field, urls)
+        self._timeout_s = check_number("timeout_s", timeout_s, low=0, low_open=True)
+        super().__init__([metrics_url(base) for base in bases])
+        self._client = client
+        self._owns_client = client is None
+        if field == "vllm_url":
+            self._what = "vLLM metrics endpoint"
+
+    @property
+    def metrics_urls(self) -> tuple[str, ...]:
+        """The ``/metrics`` URLs scraped, in the order given."""
+        return tuple(ep.name for ep in self._endpoints)
+
+    async def _open(self) -> None:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self._timeout_s)
+
+    async def aclose(self) -> None:
         """Close the HTTP client if this source created it."""
         if self._owns_client and self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
 
-    async def _scrape_all(self) -> list[_Scrape | MetricsError]:
+    async def _read_all(self) -> list[Reading | MetricsError]:
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(self._scrape(ep.metrics_url)) for ep in self._endpoints]
+            tasks = [tg.create_task(self._scrape(ep.name)) for ep in self._endpoints]
         return [t.result() for t in tasks]
 
-    async def _scrape(self, metrics_url: str) -> _Scrape | MetricsError:
+    async def _scrape(self, metrics_url: str) -> Reading | MetricsError:
         """One endpoint; a metrics problem is returned (not raised) so the others still count."""
         assert self._client is not None
         try:
@@ -446,14 +376,87 @@ class VLLMMetricsSource:
                 exc,
             )
         if response.status_code >= 400:
-            hint = "; is vllm_url a vLLM server?" if response.status_code == 404 else ""
+            hint = ""
+            if response.status_code == 404:
+                servers = "a vLLM" if self._field == "vllm_url" else "a vLLM or SGLang"
+                # SGLang mounts /metrics only with --enable-metrics; vLLM always does.
+                hint = (
+                    f"; is {self._field} {servers} server? (an SGLang server serves /metrics "
+                    "only when started with --enable-metrics)"
+                )
             return MetricsUnavailableError(
                 f"{metrics_url} answered HTTP {response.status_code} {response.reason_phrase}{hint}"
             )
         try:
-            return _parse(metrics_url, response.text)
+            return parse_exposition(metrics_url, response.text, field=self._field)
         except MetricsError as exc:
             return exc
+
+
+class VLLMMetricsSource(MetricsSource):
+    """:class:`MetricsSource` under its first name: the URLs are ``vllm_url`` in messages.
+
+    It reads SGLang pages too (the engine is told per page); the name stays for the code that
+    uses it.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        client: httpx.AsyncClient | None = None,
+        timeout_s: float = DEFAULT_METRICS_TIMEOUT_S,
+    ) -> None:
+        super().__init__(urls, client=client, timeout_s=timeout_s, field="vllm_url")
+
+
+IN_PROCESS = "the in-process prometheus_client registry"
+"""How an :class:`InProcessMetricsSource` names where it reads, in messages."""
+
+
+class InProcessMetricsSource(_ReadingSource):
+    """Samples an engine that runs in this process, from its ``prometheus_client`` registry.
+
+    RL frameworks often run the engine inside the trainer or a Ray actor (vLLM's ``AsyncLLM``,
+    ``LLM``; SGLang's ``Engine``) with no HTTP server, so there is no ``/metrics`` to scrape; the
+    same series are in the process's registry. vLLM's stat logger registers them in
+    ``prometheus_client.REGISTRY`` (the default here), which is also what vLLM's own in-process
+    reader ``vllm.v1.metrics.reader.get_metrics_snapshot`` collects; the engine must log stats
+    (vLLM's ``disable_log_stats=False``, the ``AsyncLLM`` default; SGLang's
+    ``enable_metrics=True``). An engine whose metrics live in a multiprocess directory
+    (SGLang sets ``PROMETHEUS_MULTIPROC_DIR``) is read through a registry holding a
+    ``prometheus_client.multiprocess.MultiProcessCollector``, passed as ``registry``.
+
+    The registry is collected on the event loop at each tick (no I/O; ~1 ms for vLLM's ~70
+    families), and read with the same tables and aggregation as a page.
+    """
+
+    _what = "in-process registry"
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        if registry is None:
+            from prometheus_client import REGISTRY
+
+            registry = REGISTRY
+        if not callable(getattr(registry, "collect", None)):
+            raise ConfigError(
+                f"registry: expected a prometheus_client CollectorRegistry, got {registry!r}"
+            )
+        self._registry = registry
+        super().__init__([IN_PROCESS])
+
+    async def _read_all(self) -> list[Reading | MetricsError]:
+        families = list(self._registry.collect())
+        try:
+            reading = read_samples(
+                IN_PROCESS,
+                (s for f in families for s in f.samples),
+                field="registry",
+                families=(f.name for f in families),
+            )
+        except MetricsError as exc:
+            return [exc]
+        return [reading]
 
 
 def _chain(error: MetricsError, cause: BaseException) -> MetricsError:

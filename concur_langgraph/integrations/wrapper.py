@@ -172,14 +172,17 @@ class ConcurGate:
 
     Args:
         graph: a compiled LangGraph graph (any ``Runnable`` with ``ainvoke``/``astream``).
-        vllm_url: base URL(s) of the vLLM server(s) whose ``/metrics`` drive the window.
+        vllm_url: base URL(s) of the serving engine(s) whose ``/metrics`` drive the window
+            (vLLM or SGLang, told apart by what the page exports; ``metrics_url`` is the same
+            option under an engine-neutral name).
         law: the control law; ``None`` is ``FitLaw()`` (docs/laws.md), ``ConcurLaw()`` is
             the paper's. ``FixedLaw(k)`` needs no URL.
         checkpointer: a LangGraph saver for the graph's runs (``None``: the graph's own, if it
             was compiled with one). With one, ``abatch(..., batch_id=...)`` is durable.
         **options: the other session options (``interval_s``, ``min_window``, ``max_window``,
             ``initial_window``, ``max_rps``, ``admission_timeout_s``, ``http_client``,
-            ``window``, ``source``, ``progress``, ``redis_url``, ``batch_id``), see
+            ``window``, ``source``, ``progress``, ``redis_url``, ``batch_id``,
+            ``metrics_url``, ``metrics_port``), see
             :class:`SessionOptions`.
 
     Several worker processes share one window with ``redis_url`` and ``batch_id``: run

@@ -4,6 +4,11 @@
 with the shared rules of :mod:`concur_langgraph.checks` (an error names its field) and stored
 in its normal form (``vllm_url`` as a tuple of base URLs), so a bad URL, port or number fails
 when the gate is built, not at the first batch.
+
+``metrics_url`` is ``vllm_url`` under an engine-neutral name (the server may be vLLM or
+SGLang, told apart by what its ``/metrics`` exports): give one or the other; either way the
+normal form is stored in both ``vllm_url`` and :attr:`SessionOptions.urls`, and error messages
+name the one given.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ __all__ = [
 class OtherSessionKwargs(TypedDict, total=False):
     """The session options besides ``vllm_url`` and ``law`` (see :class:`SessionOptions`)."""
 
+    metrics_url: str | Sequence[str] | None
     interval_s: float
     min_window: int
     max_window: int | None
@@ -63,9 +69,13 @@ class SessionOptions:
     """Options of a gated batch, validated; every error names its field."""
 
     vllm_url: str | Sequence[str] | None = None
-    """Base URL(s) of the vLLM server(s) whose ``/metrics`` drive the window
-    (``http://host:port`` or ``.../v1``; several for data-parallel replicas). Required by every
-    law except ``FixedLaw``."""
+    """Base URL(s) of the serving engine(s) whose ``/metrics`` drive the window
+    (``http://host:port`` or ``.../v1``; several for data-parallel replicas): vLLM or SGLang,
+    recognised from what the page exports (docs/usage.md, "Engines"). Required by every law
+    except ``FixedLaw`` (or ``metrics_url``, or ``source``)."""
+    metrics_url: str | Sequence[str] | None = None
+    """``vllm_url`` under its engine-neutral name; give one of the two. Stored normalised,
+    and copied into ``vllm_url``."""
     law: ControlLaw | None = None
     """The control law; ``None`` is :data:`DEFAULT_LAW` (``FitLaw()``): it starts with every
     agent admitted and, from the gate's exact account of each agent's context, admits the
@@ -100,7 +110,9 @@ class SessionOptions:
     ``None``: an in-process :class:`LocalWindow` (or a :class:`RedisWindow` from ``redis_url``).
     The caller keeps owning it (the session does not close it)."""
     source: SignalSource | None = None
-    """A signal source instance, instead of ``vllm_url``."""
+    """A signal source instance, instead of ``vllm_url``: e.g. ``InProcessMetricsSource()`` for
+    an engine that runs in this process (no HTTP endpoint), or a ``MetricsSource`` with options
+    of your own. The session starts it and closes it with the controller."""
     progress: bool | None = None
     """Live progress display for ``abatch``: ``None`` shows it when stdout is a terminal,
     ``True`` always, ``False`` never."""
@@ -138,23 +150,34 @@ class SessionOptions:
     def __post_init__(self) -> None:
         # Each value is checked once, here, and stored in its normal form: a bad URL, port or
         # number fails at construction, naming its field, not at the first batch.
-        if self.vllm_url is not None:
+        if self.metrics_url is not None:
+            if self.vllm_url is not None:
+                raise ConfigError(
+                    "metrics_url: give either vllm_url or metrics_url (the same option under "
+                    "its engine-neutral name), not both"
+                )
+            urls = base_urls("metrics_url", self.metrics_url)
+            object.__setattr__(self, "metrics_url", urls)
+            object.__setattr__(self, "vllm_url", urls)
+        elif self.vllm_url is not None:
             object.__setattr__(self, "vllm_url", base_urls("vllm_url", self.vllm_url))
         if self.law is not None and not callable(getattr(self.law, "next_window", None)):
             raise ConfigError(f"law: expected a ControlLaw (has next_window), got {self.law!r}")
         url = self.vllm_url
         if url is not None and self.source is not None:
-            raise ConfigError("source: give either vllm_url or source, not both")
+            raise ConfigError(f"source: give either {self.url_field} or source, not both")
         if self.http_client is not None and url is None:
-            raise ConfigError("http_client: only used to scrape vllm_url, which is not set")
+            raise ConfigError(
+                "http_client: only used to scrape vllm_url (or metrics_url), which is not set"
+            )
         if not isinstance(self.law, FixedLaw) and url is None and self.source is None:
             name = (
                 f"{type(DEFAULT_LAW()).__name__}()" if self.law is None else type(self.law).__name__
             )
             raise ConfigError(
                 f"vllm_url: the law {name} sizes the window from the server's KV-cache "
-                "signals, so vllm_url (or source) is required; for a static window without "
-                "a server use law=FixedLaw(k)"
+                "signals, so vllm_url (or metrics_url, or source) is required; for a static "
+                "window without a server use law=FixedLaw(k)"
             )
         check_number("interval_s", self.interval_s, low=0, low_open=True)
         check_count("min_window", self.min_window, minimum=1)
@@ -195,6 +218,11 @@ class SessionOptions:
             )
         if self.metrics_port is not None:
             check_port("metrics_port", self.metrics_port)
+
+    @property
+    def url_field(self) -> str:
+        """The option the URLs were given as (``vllm_url`` or ``metrics_url``), for messages."""
+        return "metrics_url" if self.metrics_url is not None else "vllm_url"
 
     @property
     def urls(self) -> tuple[str, ...]:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from concur_langgraph.core.controller import Controller, ControllerStatistics, stop_task
 from concur_langgraph.core.gate import Gate
-from concur_langgraph.core.signals import VLLMMetricsSource
+from concur_langgraph.core.signals import MetricsSource
 from concur_langgraph.core.window import AdmissionWindow, LocalWindow
 from concur_langgraph.distributed.keys import is_redis_window
 from concur_langgraph.errors import ConcurError, ConfigError
@@ -253,7 +253,7 @@ class ConcurSession:
         opts = self.options
         source = opts.source
         if source is None:
-            source = VLLMMetricsSource(opts.urls, client=opts.http_client)
+            source = MetricsSource(opts.urls, client=opts.http_client, field=opts.url_field)
         return Controller(
             source=source,
             law=opts.control_law(),

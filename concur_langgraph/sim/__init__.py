@@ -16,7 +16,7 @@ from concur_langgraph.extras import require
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._cost import CostModel
 from concur_langgraph.sim._engine import EngineMetrics, RequestOutput, SimEngine, SimRequest
-from concur_langgraph.sim._metrics import render_metrics
+from concur_langgraph.sim._metrics import EXPOSITIONS, render_metrics, render_sglang_metrics
 from concur_langgraph.sim._presets import PRESETS, get_preset
 from concur_langgraph.sim._tokenizer import Tokenizer
 
@@ -31,6 +31,7 @@ if typing.TYPE_CHECKING:
     from concur_langgraph.sim._server import SimServer, create_app
 
 __all__ = [
+    "EXPOSITIONS",
     "PRESETS",
     "CostModel",
     "EngineMetrics",
@@ -49,6 +50,7 @@ __all__ = [
     "create_app",
     "get_preset",
     "render_metrics",
+    "render_sglang_metrics",
 ]
 
 _LAZY: typing.Final = {

@@ -20,6 +20,8 @@
   ``--batch-sizes``, ``--contexts``, ``--long-contexts``, ``--knees`` and ``--repeats``
   override it. Prefills longer than the preset's ``max_num_batched_tokens`` are modelled as
   chunks.
+* ``concur sim serve ... --engine sglang`` serves SGLang's ``/metrics`` (its series, names and
+  labels) instead of vLLM's, over the same engine model and chat API.
 * ``concur sim serve ... --fault FIELD=VALUE`` (repeatable) starts the server with faults
   injected, e.g. ``--fault metrics=down`` or ``--fault chat=error --fault chat_status=429
   --fault chat_fraction=0.1``: the fields of :class:`concur_langgraph.sim._faults.Faults`.
@@ -37,7 +39,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from concur_langgraph.errors import ConcurError, ConfigError
 from concur_langgraph.extras import require
@@ -177,6 +179,10 @@ def faults_from_settings(settings: list[str] | None) -> Faults:
         raise ConfigError(f"--fault {exc}") from exc
 
 
+_ENGINE_NAMES: Final = {"vllm": "vLLM", "sglang": "SGLang"}
+"""``--engine`` choices and the names the start line prints."""
+
+
 def _serve(args: argparse.Namespace) -> int:
     overrides = {
         field: getattr(args, field)
@@ -205,9 +211,9 @@ def _serve(args: argparse.Namespace) -> int:
     from concur_langgraph.sim._faults import FaultInjector, Faults
     from concur_langgraph.sim._server import create_app
 
-    app = create_app(SimEngine(config), faults=FaultInjector(faults))
+    app = create_app(SimEngine(config), faults=FaultInjector(faults), exposition=args.engine)
     print(
-        f"concur sim: serving model {config.model_name!r} "
+        f"concur sim: serving model {config.model_name!r} as {_ENGINE_NAMES[args.engine]} "
         f"({config.num_blocks} blocks x {config.block_size} tokens, "
         f"max_model_len {config.max_model_len}) on http://{args.host}:{args.port}",
         flush=True,
@@ -380,6 +386,13 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--config", help="JSON file of SimConfig fields applied to the preset")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument(
+        "--engine",
+        default="vllm",
+        choices=sorted(_ENGINE_NAMES),
+        help="whose /metrics to speak: vllm (default) or sglang (SGLang's series and labels; "
+        "the chat API is the same)",
+    )
     serve.add_argument(
         "--log-level",
         default="info",

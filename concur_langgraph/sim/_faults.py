@@ -424,11 +424,12 @@ class FaultInjector:
 
 
 def truncate_page(page: bytes) -> bytes:
-    """``page`` cut after the ``vllm:kv_cache_usage_perc`` sample line (what ``"truncated"``
-    serves): the gauges before it survive, every counter after it is gone."""
+    """``page`` cut after the KV-usage sample line (``vllm:kv_cache_usage_perc``, or
+    ``sglang:token_usage`` on an SGLang page; what ``"truncated"`` serves): the gauges before
+    it survive, every counter after it is gone."""
     lines = page.splitlines(keepends=True)
     for index, line in enumerate(lines):
-        if line.startswith(b"vllm:kv_cache_usage_perc{"):
+        if line.startswith((b"vllm:kv_cache_usage_perc{", b"sglang:token_usage{")):
             return b"".join(lines[: index + 1])
     return page
 

@@ -1,4 +1,5 @@
-"""The simulator's ``/metrics``: an :class:`EngineMetrics` snapshot in vLLM's exposition format.
+"""The simulator's ``/metrics``: an :class:`EngineMetrics` snapshot in vLLM's exposition format
+(:func:`render_metrics`), or in SGLang's (:func:`render_sglang_metrics`, below).
 
 The text is produced by prometheus_client itself (a custom collector in a private registry,
 rendered by ``generate_latest``), so types, ``# HELP`` lines, the ``_total`` suffix of
@@ -47,7 +48,17 @@ from prometheus_client.samples import Sample
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._engine import EngineMetrics
 
-__all__ = ["METRICS_CONTENT_TYPE", "PREEMPTION_BUCKETS", "render_metrics"]
+__all__ = [
+    "EXPOSITIONS",
+    "METRICS_CONTENT_TYPE",
+    "PREEMPTION_BUCKETS",
+    "SGLANG_SCHEDULER_LABELS",
+    "render_metrics",
+    "render_sglang_metrics",
+]
+
+EXPOSITIONS: Final = ("vllm", "sglang")
+"""The engines whose ``/metrics`` the simulator can speak."""
 
 METRICS_CONTENT_TYPE: Final[str] = CONTENT_TYPE_LATEST
 """``text/plain; version=...; charset=utf-8``, as vLLM's /metrics answers."""
@@ -231,4 +242,121 @@ def render_metrics(metrics: EngineMetrics, config: SimConfig, *, created: float)
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_EngineCollector(metrics, config, created))
+    return generate_latest(registry)
+
+
+# -- SGLang -----------------------------------------------------------------------------------
+# SGLang's /metrics as its server renders it (a MultiProcessCollector over the scheduler's and
+# the tokenizer manager's files): names, help texts, types and label names as SGLang 0.5.23's
+# sglang/srt/observability/metrics_collector.py makes them (tests/data/sglang_0.5.23_metrics.txt,
+# rendered by that code; a test checks every family we emit against it). Counters have no
+# `_created` series in multiprocess mode.
+
+SGLANG_SCHEDULER_LABELS: Final = ("engine_type", "model_name", "moe_ep_rank", "pp_rank", "tp_rank")
+"""Labels of SGLang's scheduler series (one scheduler: tp 0, pp 0, moe-ep 0; not disaggregated)."""
+
+_SGLANG_HELP: Final = {
+    "sglang:num_running_reqs": "The number of running requests.",
+    "sglang:num_queue_reqs": "The number of requests in the waiting queue.",
+    "sglang:cache_hit_rate": "The prefix cache hit rate.",
+    "sglang:token_usage": "The token usage.",
+    "sglang:full_token_usage": "The token usage for full attention layers.",
+    "sglang:num_used_tokens": "The number of used tokens.",
+    "sglang:max_total_num_tokens": "Maximum total number of tokens in the KV cache pool.",
+    "sglang:page_size": "KV cache page size in tokens.",
+    "sglang:prefill_effective_tokens": (
+        "Effective prefill tokens with retracted-request re-counts excluded, updated on each "
+        "log interval. mode: device_hit, host_hit, storage_hit, input. Windowed prefix cache "
+        "hit rate = rate(sum of *_hit) / rate(sum of all modes); per-tier rate uses a single "
+        "*_hit mode in the numerator."
+    ),
+    "sglang:realtime_tokens": (
+        "Total number of tokens processed (updated on each log interval). mode: "
+        "prefill_compute, prefill_cache, decode."
+    ),
+    "sglang:num_retracted_requests": "Total number of retracted requests.",
+    "sglang:num_requests": "Number of requests processed.",
+}
+
+
+class _SGLangCollector(Collector):
+    """One snapshot as SGLang's families; ``hit_rate`` is the ``cache_hit_rate`` gauge."""
+
+    def __init__(self, metrics: EngineMetrics, hit_rate: float) -> None:
+        self._m = metrics
+        self._hit_rate = hit_rate
+        self._scheduler = ["unified", metrics.model_name, "0", "0", "0"]
+
+    def _gauge(self, name: str, value: float) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, _SGLANG_HELP[name], labels=SGLANG_SCHEDULER_LABELS)
+        family.add_metric(self._scheduler, float(value))
+        return family
+
+    def _by_mode(self, name: str, values: Mapping[str, float]) -> CounterMetricFamily:
+        labels = sorted((*SGLANG_SCHEDULER_LABELS, "mode"))
+        family = CounterMetricFamily(name, _SGLANG_HELP[name], labels=labels)
+        for mode, value in values.items():
+            by_label = dict(zip(SGLANG_SCHEDULER_LABELS, self._scheduler, strict=True))
+            by_label["mode"] = mode
+            family.add_metric([by_label[k] for k in labels], float(value))
+        return family
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        used = round(m.kv_cache_usage * m.kv_capacity_tokens)
+        yield self._gauge("sglang:max_total_num_tokens", m.kv_capacity_tokens)
+        yield self._gauge("sglang:page_size", m.block_size)
+        yield self._gauge("sglang:num_running_reqs", m.num_requests_running)
+        yield self._gauge("sglang:num_queue_reqs", m.num_requests_waiting)
+        yield self._gauge("sglang:cache_hit_rate", self._hit_rate)
+        # SGLang's usage is (total - available - evictable) / total: radix-cached tokens that
+        # no request locks are free, as vLLM's cached free blocks are.
+        yield self._gauge("sglang:token_usage", m.kv_cache_usage)
+        yield self._gauge("sglang:full_token_usage", m.kv_cache_usage)
+        yield self._gauge("sglang:num_used_tokens", used)
+        hits = m.prefix_cache_hits
+        yield self._by_mode(
+            "sglang:prefill_effective_tokens",
+            {
+                "input": m.prefix_cache_queries - hits,
+                "device_hit": hits,
+                "host_hit": 0,
+                "storage_hit": 0,
+            },
+        )
+        yield self._by_mode(
+            "sglang:realtime_tokens",
+            {
+                "prefill_compute": m.prompt_tokens - m.prompt_tokens_cached,
+                "prefill_cache": m.prompt_tokens_cached,
+                "decode": m.generation_tokens,
+            },
+        )
+        retracted = CounterMetricFamily(
+            "sglang:num_retracted_requests",
+            _SGLANG_HELP["sglang:num_retracted_requests"],
+            labels=SGLANG_SCHEDULER_LABELS,
+        )
+        retracted.add_metric(self._scheduler, float(m.num_preemptions))
+        yield retracted
+        requests = CounterMetricFamily(
+            "sglang:num_requests",
+            _SGLANG_HELP["sglang:num_requests"],
+            labels=("engine_type", "is_streaming", "model_name"),
+        )
+        requests.add_metric(
+            ["unified", "false", m.model_name], float(sum(m.request_success.values()))
+        )
+        yield requests
+
+
+def render_sglang_metrics(metrics: EngineMetrics, *, hit_rate: float) -> bytes:
+    """The snapshot as SGLang's ``/metrics`` shows it.
+
+    ``hit_rate`` is the ``sglang:cache_hit_rate`` gauge: SGLang sets it to the hit rate of its
+    last prefill batch and holds it until the next one; the server works it out from the
+    counters since its previous scrape (``_server.py``).
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SGLangCollector(metrics, hit_rate))
     return generate_latest(registry)

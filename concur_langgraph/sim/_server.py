@@ -62,7 +62,12 @@ from concur_langgraph.errors import ConfigError
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._engine import SimEngine, SimRequest
 from concur_langgraph.sim._faults import FaultInjector, Faults
-from concur_langgraph.sim._metrics import METRICS_CONTENT_TYPE, render_metrics
+from concur_langgraph.sim._metrics import (
+    EXPOSITIONS,
+    METRICS_CONTENT_TYPE,
+    render_metrics,
+    render_sglang_metrics,
+)
 from concur_langgraph.sim._presets import get_preset
 from concur_langgraph.sim._tokenizer import EOS_TOKEN_ID, Tokenizer, message_text
 from concur_langgraph.sim._tools import ToolCall, plan_tool_call, resolve_tool_choice
@@ -219,9 +224,16 @@ class _ChatRequest(BaseModel):
 class _App:
     """State shared by the routes of one app: engine, tokenizer, ids."""
 
-    def __init__(self, engine: SimEngine, faults: FaultInjector | None = None) -> None:
+    def __init__(
+        self, engine: SimEngine, faults: FaultInjector | None = None, exposition: str = "vllm"
+    ) -> None:
         self.engine = engine
         self.faults = faults
+        self.exposition = exposition
+        # SGLang's cache_hit_rate gauge: the hit rate of the tokens prefilled since the
+        # previous scrape, held while none were (SGLang holds its last prefill batch's rate).
+        self._hit_seen = (0, 0)
+        self._hit_rate = 0.0
         self.config: SimConfig = engine.config
         self.tokenizer = Tokenizer(self.config.vocab_size)
         self.created = int(time.time())
@@ -280,6 +292,15 @@ class _App:
         metrics, created = self.engine.metrics(), self.created_s
         if self.faults is not None:
             metrics, created = self.faults.visible_metrics(metrics, created)
+        if self.exposition == "sglang":
+            queries, hits = metrics.prefix_cache_queries, metrics.prefix_cache_hits
+            seen_queries, seen_hits = self._hit_seen
+            if queries < seen_queries:  # counters reset: everything counted since is new
+                seen_queries = seen_hits = 0
+            if queries > seen_queries:
+                self._hit_rate = (hits - seen_hits) / (queries - seen_queries)
+            self._hit_seen = (queries, hits)
+            return render_sglang_metrics(metrics, hit_rate=self._hit_rate)
         return render_metrics(metrics, self.config, created=created)
 
     async def chat(self, request: Request) -> Response:
@@ -796,13 +817,17 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
-def create_app(engine: SimEngine, *, faults: FaultInjector | None = None) -> Starlette:
+def create_app(
+    engine: SimEngine, *, faults: FaultInjector | None = None, exposition: str = "vllm"
+) -> Starlette:
     """A Starlette app serving vLLM's OpenAI-compatible routes on top of ``engine``.
 
     With ``faults``, the app applies the injector's faults and serves its admin routes under
-    ``/_sim/`` (see ``_faults.py``); without, it is exactly vLLM's surface.
+    ``/_sim/`` (see ``_faults.py``); without, it is exactly vLLM's surface. ``exposition``
+    is the engine whose ``/metrics`` it speaks: ``"vllm"`` or ``"sglang"`` (SGLang's series,
+    names and labels; the chat API is the same OpenAI surface either way).
     """
-    state = _App(engine, faults)
+    state = _App(engine, faults, check_exposition(exposition))
     routes = [
         Route("/v1/chat/completions", state.chat, methods=["POST"]),
         Route("/v1/models", state.models, methods=["GET"]),
@@ -816,6 +841,14 @@ def create_app(engine: SimEngine, *, faults: FaultInjector | None = None) -> Sta
     return app
 
 
+def check_exposition(exposition: object, field: str = "exposition") -> str:
+    """``exposition`` if it is one the simulator speaks, else a :class:`ConfigError`."""
+    if exposition not in EXPOSITIONS:
+        raise ConfigError(f"{field}: must be one of {', '.join(EXPOSITIONS)}, got {exposition!r}")
+    assert isinstance(exposition, str)
+    return exposition
+
+
 class SimServer:
     """A simulated vLLM server in this process: config, engine, app, and clients wired to it.
 
@@ -827,6 +860,7 @@ class SimServer:
 
     ``faults`` sets faults from the start (``Faults(...)``, or an injector to share);
     :attr:`faults` changes them while the server runs (also over HTTP: ``/_sim/faults``).
+    ``engine="sglang"`` serves SGLang's ``/metrics`` instead of vLLM's (same engine model).
     """
 
     def __init__(
@@ -835,6 +869,7 @@ class SimServer:
         *,
         host: str = DEFAULT_HOST,
         faults: Faults | FaultInjector | None = None,
+        engine: str = "vllm",
     ) -> None:
         if isinstance(config, str):
             config = get_preset(config)
@@ -851,7 +886,9 @@ class SimServer:
             )
         self.faults = faults if isinstance(faults, FaultInjector) else FaultInjector(faults)
         """The fault injector: ``server.faults.set(Faults(...))``, ``.clear()``, ..."""
-        self.app = create_app(self.engine, faults=self.faults)
+        self.exposition = check_exposition(engine, "engine")
+        """Whose ``/metrics`` the server speaks: ``"vllm"`` or ``"sglang"``."""
+        self.app = create_app(self.engine, faults=self.faults, exposition=self.exposition)
         self.root_url = f"http://{host}"
         """Root of the in-process server (``/metrics`` and ``/health`` live here)."""
 

@@ -34,11 +34,17 @@ INTERVAL_S = 0.5
 FAULT_ON = 2.25
 FAULT_OFF = 5.25
 
+pytestmark = pytest.mark.parametrize("engine", ["vllm", "sglang"])
+
 
 async def _batch(
-    fault: Faults | None, *, resets: tuple[float, ...] = (), way: str = "gate"
+    fault: Faults | None,
+    *,
+    resets: tuple[float, ...] = (),
+    way: str = "gate",
+    engine: str = "vllm",
 ) -> dict[str, Any]:
-    async with SimServer("test-tiny") as server, server.http_client() as admin:
+    async with SimServer("test-tiny", engine=engine) as server, server.http_client() as admin:
         law = RampLaw()
         graph = agent_graph(chat_model(server))
         options: dict[str, Any] = {
@@ -111,13 +117,17 @@ def _check_batch_completed(run: dict[str, Any]) -> None:
     ],
     ids=["down", "503", "garbage", "html", "slow-past-the-scrape-timeout"],
 )
-def test_metrics_fault_mid_batch_holds_the_window_marks_stale_and_recovers(fault: Faults) -> None:
-    _check_held_and_recovered(vtime.run(_batch(fault)), fault)
+def test_metrics_fault_mid_batch_holds_the_window_marks_stale_and_recovers(
+    fault: Faults, engine: str
+) -> None:
+    _check_held_and_recovered(vtime.run(_batch(fault, engine=engine)), fault)
 
 
-def test_the_callback_handler_on_a_plain_abatch_rides_out_a_metrics_outage_too() -> None:
+def test_the_callback_handler_on_a_plain_abatch_rides_out_a_metrics_outage_too(
+    engine: str,
+) -> None:
     fault = Faults(metrics="down")
-    _check_held_and_recovered(vtime.run(_batch(fault, way="handler")), fault)
+    _check_held_and_recovered(vtime.run(_batch(fault, way="handler", engine=engine)), fault)
 
 
 def _check_held_and_recovered(run: dict[str, Any], fault: Faults) -> None:
@@ -152,10 +162,12 @@ def _check_held_and_recovered(run: dict[str, Any], fault: Faults) -> None:
     assert run["faults"].metrics_faulted >= 1
 
 
-def test_metrics_slower_than_the_tick_but_within_the_timeout_delay_decisions_only() -> None:
+def test_metrics_slower_than_the_tick_but_within_the_timeout_delay_decisions_only(
+    engine: str,
+) -> None:
     # Scrapes take 2 s against a 0.5 s tick: each answer is late but good, so the controller
     # acts on every one of them (never stale) and skips the ticks it could not run.
-    run = vtime.run(_batch(Faults(metrics="slow", metrics_delay_s=2.0)))
+    run = vtime.run(_batch(Faults(metrics="slow", metrics_delay_s=2.0), engine=engine))
     _check_batch_completed(run)
     controller = run["stats"].controller
     assert controller.errors == 0 and not controller.stale
@@ -167,8 +179,8 @@ def test_metrics_slower_than_the_tick_but_within_the_timeout_delay_decisions_onl
     assert during and all(b - a >= 2.0 - 1e-9 for a, b in itertools.pairwise(during))
 
 
-def test_a_counter_reset_mid_batch_gives_no_negative_or_huge_deltas() -> None:
-    run = vtime.run(_batch(None, resets=(FAULT_ON, FAULT_OFF)))
+def test_a_counter_reset_mid_batch_gives_no_negative_or_huge_deltas(engine: str) -> None:
+    run = vtime.run(_batch(None, resets=(FAULT_ON, FAULT_OFF), engine=engine))
     _check_batch_completed(run)
     assert run["faults"].counter_resets == 2
     controller = run["stats"].controller
@@ -196,8 +208,8 @@ def test_a_counter_reset_mid_batch_gives_no_negative_or_huge_deltas() -> None:
     assert sum(s.generation_tokens for s in samples) > 0
 
 
-def test_a_truncated_metrics_page_is_stale_and_gives_no_huge_deltas() -> None:
-    run = vtime.run(_batch(Faults(metrics="truncated")))
+def test_a_truncated_metrics_page_is_stale_and_gives_no_huge_deltas(engine: str) -> None:
+    run = vtime.run(_batch(Faults(metrics="truncated"), engine=engine))
     _check_batch_completed(run)
     law: RampLaw = run["law"]
     engine = run["engine"]
