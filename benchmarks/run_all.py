@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from concur_langgraph import ConfigError
-from concur_langgraph.bench._policies import AUTO, LAWS
+from concur_langgraph.bench._policies import AUTO, LAWS, PEERS
 from concur_langgraph.bench._report import failure_text, markdown_table, run_failed, write_report
 from concur_langgraph.bench._runner import (
     Backend,
@@ -41,6 +41,7 @@ from concur_langgraph.bench._runner import (
     sweep_summary,
 )
 from concur_langgraph.bench._workload import load_workload
+from concur_langgraph.laws.registry import DEFAULT
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,12 @@ SUITE = (
     Suite("swe-long", "h100-qwen3-32b-tp2", (8, 16, 24, 32, 48)),
     Suite("real-24", "cpu-tiny", (2, 4, 8, 12, 24)),
     Suite("paper-256", "h100-qwen3-32b-tp2", (16, 32, 36, 64, 128)),
+    Suite("short-512", "h100-qwen3-32b-tp2", (64, 128, 256)),
+    Suite("medium-wide", "cpu-medium-wide", (8, 12, 16, 24)),
 )
-# The default suite: the gate's default law and the paper's; `--laws all` adds every law of
-# ours by name.
-ADAPTIVE = (AUTO, "concur")
+# The default suite: the gate's default law, every other law of the registry (the paper's, the
+# previous default) and every peer, side by side; `--laws all` is the same set.
+ADAPTIVE = (AUTO, *sorted(name for name in LAWS if name != DEFAULT), *sorted(PEERS))
 
 
 def _job(workload: str, policy: str, backend: Backend, interval_s: float) -> dict[str, Any]:
@@ -208,7 +211,7 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument(
         "--laws",
         default=",".join(ADAPTIVE),
-        help="adaptive policies to run, comma-separated, or 'all' (default: auto,concur)",
+        help="adaptive policies, comma-separated, or 'all' (default: auto, other laws, peers)",
     )
     parser.add_argument("--skip-sim", action="store_true", help="no simulator runs")
     parser.add_argument("--url", help="also run real-24 on this real vLLM server")
@@ -237,7 +240,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if not args.skip_sim:
         print(f"simulator runs ({len(suites)} workloads)", file=sys.stderr)
         adaptive = (
-            [AUTO, *sorted(LAWS)]
+            list(ADAPTIVE)
             if args.laws == "all"
             else [p.strip() for p in args.laws.split(",") if p.strip()]
         )
