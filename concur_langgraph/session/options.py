@@ -80,7 +80,8 @@ class SessionOptions:
     """The control law; ``None`` is :data:`DEFAULT_LAW` (``FitLaw()``): it starts with every
     agent admitted and, from the gate's exact account of each agent's context, admits the
     agents whose contexts fit the KV cache, where restricting pays (docs/laws.md has the
-    benchmarks that chose it). ``ConcurLaw()`` is the paper's Eq. 1 with its constants."""
+    benchmarks that chose it). On a shared window the leader's law reads every worker's
+    accounts (docs/distributed.md). ``ConcurLaw()`` is the paper's Eq. 1 with its constants."""
     interval_s: float = 1.0
     """Seconds between two controller ticks. 1 s is the paper's setting: KV usage moves on the
     scale of a few decode steps times the agent count, and vLLM's counters update every step."""

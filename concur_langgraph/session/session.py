@@ -45,6 +45,7 @@ from concur_langgraph.session.options import SessionOptions
 from concur_langgraph.session.statistics import SessionStatistics
 
 if TYPE_CHECKING:
+    from concur_langgraph.distributed.accounts import SharedAccounts
     from concur_langgraph.distributed.leader import Leadership
     from concur_langgraph.distributed.redis_window import RedisWindow
 
@@ -91,6 +92,8 @@ class ConcurSession:
         self._last_controller: Controller | None = None
         self._final_controller_stats: ControllerStatistics | None = None
         self._leadership: Leadership | None = None
+        # On a shared window with signals: every worker's agent accounts, for the leader's law.
+        self._accounts: SharedAccounts | None = None
         self._lead_task: asyncio.Task[None] | None = None
         # A controller that died during an earlier reign: raised on exit, as in-process.
         self._reign_failure: BaseException | None = None
@@ -192,6 +195,7 @@ class ConcurSession:
         self._closed = True
         lead_task, self._lead_task = self._lead_task, None
         leadership, self._leadership = self._leadership, None
+        accounts, self._accounts = self._accounts, None
         try:
             failure = self._reign_failure
             if lead_task is not None:
@@ -199,8 +203,12 @@ class ConcurSession:
             try:
                 await self._end_reign(exc_type, exc, tb)
             finally:
-                if leadership is not None:
-                    await leadership.__aexit__(None, None, None)
+                try:
+                    if leadership is not None:
+                        await leadership.__aexit__(None, None, None)
+                finally:
+                    if accounts is not None:
+                        await accounts.__aexit__(None, None, None)
             if failure is not None and exc is None:
                 raise failure
         finally:
@@ -262,9 +270,11 @@ class ConcurSession:
             min_window=opts.min_window,
             max_window=opts.max_window,
             initial_window=initial_window,
-            # A shared window's agents are spread over the workers: this gate knows only its
-            # own, so the leader's law gets no partial accounting (it sizes from the signals).
-            accounting=None if self.distributed else self.gate.accounting,
+            # A shared window's agents are spread over the workers: the leader's law reads
+            # every worker's accounts, merged (distributed/accounts.py).
+            accounting=(
+                self._accounts.accounts if self._accounts is not None else self.gate.accounting
+            ),
         )
 
     async def _close_exporter(self) -> None:
@@ -293,10 +303,21 @@ class ConcurSession:
             return
         # The window's client is reused: one connection pool per process, and leadership
         # calls fail exactly when window calls do.
+        from concur_langgraph.distributed.accounts import SharedAccounts
         from concur_langgraph.distributed.leader import Leadership
 
-        leadership = Leadership(client=window.client, batch_id=window.batch_id)
-        await leadership.__aenter__()
+        accounts = SharedAccounts(
+            window.client, window.batch_id, self.gate.accounting, interval_s=opts.interval_s
+        )
+        await accounts.__aenter__()
+        self._accounts = accounts
+        try:
+            leadership = Leadership(client=window.client, batch_id=window.batch_id)
+            await leadership.__aenter__()
+        except BaseException:
+            self._accounts = None
+            await accounts.__aexit__(None, None, None)
+            raise
         self._leadership = leadership
         try:
             if leadership.is_leader:
@@ -304,7 +325,11 @@ class ConcurSession:
                 await self._begin_reign(window, leadership)
         except BaseException:
             self._leadership = None
-            await leadership.__aexit__(None, None, None)
+            self._accounts = None
+            try:
+                await leadership.__aexit__(None, None, None)
+            finally:
+                await accounts.__aexit__(None, None, None)
             raise
         self._lead_task = asyncio.create_task(
             self._lead(window, leadership), name=f"concur-lead-{window.batch_id}"
@@ -318,6 +343,8 @@ class ConcurSession:
         stored = max(stored, opts.min_window)
         if opts.max_window is not None:
             stored = min(stored, opts.max_window)
+        if self._accounts is not None:
+            await self._accounts.start_collecting()
         controller = self._new_controller(leadership.fence(window), stored)
         await controller.__aenter__()
         self._controller = controller
@@ -329,6 +356,8 @@ class ConcurSession:
         tb: TracebackType | None = None,
     ) -> None:
         controller, self._controller = self._controller, None
+        if self._accounts is not None:
+            self._accounts.stop_collecting()
         if controller is not None:
             self._last_controller = controller
             self._final_controller_stats = controller.statistics()
