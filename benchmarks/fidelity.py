@@ -66,6 +66,9 @@ default to ``benchmarks/results/*medium*``.
 
     python benchmarks/fidelity.py --model medium --serve --stages calibrate,steps,overhead,fit
     python benchmarks/fidelity.py --model medium --stages sim,report     # after bench-real
+    python benchmarks/fidelity.py --model medium --workloads medium-wide --num-blocks 256 \
+        --stages sim,report --runs benchmarks/results/fidelity-medium-wide-runs.jsonl \
+        --out benchmarks/results/fidelity-medium-wide.json --policy none --policy static:8 ...
 """
 
 from __future__ import annotations
@@ -934,9 +937,16 @@ def real_rows(records_path: Path, workloads: Sequence[str], policies: Sequence[s
 
 
 def sim_stage(
-    config_path: Path, workloads: Sequence[Workload], policies: Sequence[str], runs: Path
+    config_path: Path,
+    workloads: Sequence[Workload],
+    policies: Sequence[str],
+    runs: Path,
+    num_blocks: int | None = None,
 ) -> None:
-    config = load_config(None, str(config_path))
+    # The KV cache's size is a flag of the server (--kv-cache-memory-bytes), not a property of
+    # the model: the constants fitted on one cache size hold for another.
+    overrides = {} if num_blocks is None else {"num_blocks": num_blocks}
+    config = load_config(None, str(config_path), overrides)
     # Older records of the simulator side are replaced; the real ones are kept.
     kept = [r for r in _read(runs) if not r["backend"].startswith("sim")]
     runs.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
@@ -1219,6 +1229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmarks/results/bench-real.jsonl)",
     )
     parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument(
+        "--num-blocks",
+        type=int,
+        default=None,
+        help="sim: KV blocks instead of the config's (medium-wide: 256, bench_real's 256 MiB)",
+    )
     parser.add_argument("--runs", type=Path, default=None)
     parser.add_argument("--samples", type=Path, default=None)
     parser.add_argument(
@@ -1310,7 +1326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overhead = args.overhead_out if args.overhead_out.exists() else None
         extra["calibration"] = fit_stage(args.samples, args.config, overhead, regime)
     if "sim" in stages:
-        sim_stage(args.config, workloads, policies, args.runs)
+        sim_stage(args.config, workloads, policies, args.runs, args.num_blocks)
     if "report" in stages:
         extra["config"] = json.loads(args.config.read_text())
         if args.steps_out.exists():

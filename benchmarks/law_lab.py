@@ -333,6 +333,7 @@ class EngineSource:
             prefix_hits=hits,
             preemptions=m.num_preemptions - p.num_preemptions,
             prompt_tokens=m.prompt_tokens - p.prompt_tokens,
+            prompt_tokens_cached=m.prompt_tokens_cached - p.prompt_tokens_cached,
             generation_tokens=m.generation_tokens - p.generation_tokens,
             running=m.num_requests_running,
             waiting=m.num_requests_waiting,

@@ -27,6 +27,7 @@ brackets | SGLang 0.5.23, then the fallbacks of older SGLang):
 * preemptions: ``vllm:num_preemptions_total`` | ``sglang:num_retracted_requests_total``;
 * prompt tokens: ``vllm:prompt_tokens_total`` | as prefix queries, else
   ``sglang:prompt_tokens_total``;
+* prompt tokens cached: ``vllm:prompt_tokens_cached_total`` | as prefix hits;
 * generation tokens: ``vllm:generation_tokens_total`` |
   ``sglang:realtime_tokens_total{mode="decode"}``, else ``sglang:generation_tokens_total``;
 * requests finished: ``vllm:request_success_total`` | ``sglang:num_requests_total``.
@@ -48,6 +49,13 @@ Semantics that differ, and what the mapping does about them:
 * **Preemption.** SGLang's "retraction" is vLLM's recompute preemption: the request's KV is
   freed and it goes back to the waiting queue. Only the counter is read; the
   ``sglang:num_retracted_reqs`` gauge is a per-report count that sampling would miss.
+* **Cached prompt tokens.** vLLM counts prefix queries and hits when the scheduler admits a
+  request, but prompt tokens (and the cached ones among them) when its prefill ends, up to a
+  few seconds later on a busy server. An interval's hit rate applied to its prompt tokens can
+  then be far off (prompt tokens of requests whose lookups fell into the previous interval, read
+  as uncached); ``prompt_tokens - prompt_tokens_cached`` are counted together and are the tokens
+  the interval really prefilled. SGLang counts both in ``prefill_effective_tokens_total`` as
+  batches run, so its prefix hits are its cached prompt tokens.
 * **Tokens.** SGLang's ``prompt_tokens_total`` / ``generation_tokens_total`` grow when a request
   *finishes*; its ``realtime_tokens_total`` and ``prefill_effective_tokens_total`` grow as batches
   run, as vLLM's counters do, and are preferred.
@@ -97,6 +105,7 @@ COUNTER_NAMES: Final = (
     "prefix_hits",
     "preemptions",
     "prompt_tokens",
+    "prompt_tokens_cached",
     "generation_tokens",
     "requests_finished",
 )
@@ -189,6 +198,7 @@ VLLM: Final = EngineTable(
         ),
         "preemptions": ((Series("vllm:num_preemptions_total"),),),
         "prompt_tokens": ((Series("vllm:prompt_tokens_total"),),),
+        "prompt_tokens_cached": ((Series("vllm:prompt_tokens_cached_total"),),),
         "generation_tokens": ((Series("vllm:generation_tokens_total"),),),
         "requests_finished": ((Series("vllm:request_success_total"),),),
     },
@@ -220,6 +230,10 @@ SGLANG: Final = EngineTable(
             (Series(_EFFECTIVE),),
             (_only(_REALTIME, "mode", "prefill_compute", "prefill_cache"),),
             (Series("sglang:prompt_tokens_total"),),
+        ),
+        "prompt_tokens_cached": (
+            (_only(_EFFECTIVE, "mode", "device_hit", "host_hit", "storage_hit"),),
+            (_only(_REALTIME, "mode", "prefill_cache"),),
         ),
         "generation_tokens": (
             (_only(_REALTIME, "mode", "decode"),),

@@ -111,6 +111,10 @@ class Sample:
     staleness_s: float = 0.0
     """Age of the oldest data the sample stands for: 0 when every endpoint answered now,
     else how long ago the failed endpoints last answered."""
+    prompt_tokens_cached: int | None = None
+    """Of ``prompt_tokens``, those served from the prefix cache, counted at the same moment
+    (``vllm:prompt_tokens_cached_total``; SGLang's prefix hits): ``prompt_tokens -
+    prompt_tokens_cached`` is what the interval prefilled. ``None`` when not exported."""
     requests_finished: int | None = None
     """Requests that finished over the interval (``vllm:request_success_total`` every finish
     reason, ``sglang:num_requests_total``), summed; ``None`` when no endpoint exports the series
@@ -217,6 +221,9 @@ class _ReadingSource:
 
         stale = bool(errors)
         has_finished = False
+        # Cached prompt tokens only where every endpoint exports them: a partial sum would read
+        # as prefilled tokens.
+        cached_everywhere = True
         kv_usage = 0.0
         running = waiting = 0.0
         waiting_capacity: float | None = None
@@ -245,6 +252,9 @@ class _ReadingSource:
                 hit_gauges.append(result.hit_rate)
             has_finished = has_finished or any(
                 key[0] == "requests_finished" for key in result.counters
+            )
+            cached_everywhere = cached_everywhere and any(
+                key[0] == "prompt_tokens_cached" for key in result.counters
             )
             if ep.counters.keys() - result.counters.keys():
                 # An incomplete page (cut short, or a proxy's partial answer): counters it lacks
@@ -289,6 +299,9 @@ class _ReadingSource:
             interval_s=None if previous_time is None else now - previous_time,
             stale=stale,
             staleness_s=staleness,
+            prompt_tokens_cached=(
+                round(totals["prompt_tokens_cached"]) if cached_everywhere else None
+            ),
             requests_finished=round(totals["requests_finished"]) if has_finished else None,
         )
 

@@ -82,6 +82,7 @@ def test_sglang_page_reads_with_sglang_table() -> None:
         "prefix_queries": 7200.0,
         "prefix_hits": 2200.0,
         "prompt_tokens": 7200.0,
+        "prompt_tokens_cached": 2200.0,  # SGLang counts them with its prompt tokens
         "generation_tokens": 768.0,
         "preemptions": 2.0,
         "requests_finished": 4.0,
@@ -100,6 +101,7 @@ async def test_sglang_counters_become_interval_deltas() -> None:
     assert (sample.prefix_queries, sample.prefix_hits) == (1000, 600)
     assert sample.prefix_hit_rate == pytest.approx(0.6)
     assert sample.prompt_tokens == 1000
+    assert sample.prompt_tokens_cached == 600
     assert sample.generation_tokens == 132
     assert sample.preemptions == 3
     assert sample.requests_finished == 0
@@ -127,6 +129,7 @@ async def test_an_sglang_with_only_the_hit_rate_gauge_gives_the_gauge() -> None:
     sample = await _two_samples(page, second)
     assert sample.prefix_hit_rate == 0.25
     assert (sample.prefix_queries, sample.prefix_hits) == (0, 0)  # unknown
+    assert sample.prompt_tokens_cached is None
     # Unpaired with prefix queries, requests_finished is left out (AdmitLaw's cache view).
     assert sample.requests_finished is None
     # The finish-time token counters stand in for the running ones.
@@ -200,6 +203,7 @@ def test_the_vllm_page_reads_as_before() -> None:
         "prefix_hits",
         "preemptions",
         "prompt_tokens",
+        "prompt_tokens_cached",
         "generation_tokens",
         "requests_finished",
     }
@@ -331,3 +335,19 @@ def test_in_process_defaults_to_the_global_registry() -> None:
     from prometheus_client import REGISTRY
 
     assert InProcessMetricsSource()._registry is REGISTRY
+
+
+async def test_vllm_cached_prompt_tokens_are_read_with_the_prompt_tokens() -> None:
+    # vLLM counts lookups (prefix queries) when a request is admitted and prompt tokens, cached
+    # ones included, when its prefill ends: the interval's prefilled tokens are the difference
+    # of the two token counters, whatever its hit rate says.
+    second = _set(VLLM_PAGE, "vllm:prompt_tokens_total", 61983 + 3000)
+    second = _set(second, "vllm:prompt_tokens_cached_total", 22912 + 2500)
+    sample = await _two_samples(VLLM_PAGE, second)
+    assert (sample.prompt_tokens, sample.prompt_tokens_cached) == (3000, 2500)
+    assert (sample.prefix_queries, sample.prefix_hit_rate) == (0, None)  # no lookup this time
+    old = await _two_samples(
+        _without(VLLM_PAGE, "vllm:prompt_tokens_cached_total"),
+        _without(second, "vllm:prompt_tokens_cached_total"),
+    )
+    assert old.prompt_tokens == 3000 and old.prompt_tokens_cached is None
