@@ -122,19 +122,6 @@ def test_an_agent_whose_context_outgrows_the_budget_alone_keeps_a_window_of_one(
     assert law.next_window(3, sample(giant)) == 1
 
 
-def test_the_prefill_rate_counts_the_uncached_prompt_tokens_when_exported() -> None:
-    # 20,000 prompt tokens of which 18,000 cached: 2,000 tokens/s, although the interval's
-    # lookups (hit rate 0.5, counted at admission by vLLM) would say 10,000.
-    law = FitLaw()
-    agents = [account(i, 2000) for i in range(8)]
-    assert law.next_window(8, sample(agents, prompt_tokens_cached=18_000)) == 3
-    assert law.prefill_rate == 2_000
-    assert "takes 6.2 s: shrink to 3" in law.explain(8, sample([]))
-    without = FitLaw()
-    without.next_window(8, sample(agents))  # no cached counter: prompt tokens x (1 - hit rate)
-    assert without.prefill_rate == 10_000
-
-
 def test_needs_a_measured_prefill_rate_before_it_restricts() -> None:
     law = FitLaw(undo_cost_s=0.5)
     agents = [account(i, 2000) for i in range(8)]
