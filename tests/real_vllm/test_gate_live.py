@@ -421,8 +421,12 @@ async def test_gate_cuts_preemptions_of_an_oversubscribed_batch(real_vllm: Runni
     counts = f"preemptions: ungated {ungated.preemptions}, FixedLaw({window}) {gated.preemptions}"
     assert ungated.preemptions > 0, counts
     assert gated.preemptions < ungated.preemptions, counts
+    # In flight as the client counts them (exact); the server's running count is sampled by
+    # scrapes, which a loaded machine spaces out (a clean-clone run next to a benchmark saw a
+    # peak of 2 running requests in 13 scrapes while 32 were in flight).
+    assert 1 <= gated.max_inflight <= window
     assert gated.server_max_requests <= window
-    assert ungated.server_max_requests > window
+    assert ungated.max_inflight > window
 
 
 @pytest.mark.parametrize(
