@@ -38,18 +38,14 @@ from typing import Any
 import httpx
 from langchain_core.messages import HumanMessage
 from langchain_openai import ChatOpenAI
-from langgraph.graph import END, START, MessagesState, StateGraph
 
 from concur_langgraph import ConcurGate, ConcurLaw, FixedLaw, RedisWindow
 from concur_langgraph.extras import require
+from concur_langgraph.testing.agent_loop import observation_loop
 
 ray = require("ray", what="examples/ray_workers.py")
 
 STEPS = 2
-
-
-class LoopState(MessagesState):
-    steps: int
 
 
 def build_graph(vllm_url: str, model_name: str) -> Any:
@@ -62,25 +58,7 @@ def build_graph(vllm_url: str, model_name: str) -> Any:
         max_retries=0,
         extra_body={"ignore_eos": True},
     )
-
-    async def agent(state: LoopState) -> dict[str, Any]:
-        return {"messages": [await model.ainvoke(state["messages"])]}
-
-    async def tool(state: LoopState) -> dict[str, Any]:
-        await asyncio.sleep(0.2)
-        step = state.get("steps", 0) + 1
-        return {"messages": [HumanMessage(f"observation {step}")], "steps": step}
-
-    def route(state: LoopState) -> str:
-        return "tool" if state.get("steps", 0) < STEPS else END
-
-    builder = StateGraph(LoopState)
-    builder.add_node("agent", agent)
-    builder.add_node("tool", tool)
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", route, {"tool": "tool", END: END})
-    builder.add_edge("tool", "agent")
-    return builder.compile()
+    return observation_loop(model, steps=STEPS, tool_s=0.2)
 
 
 def percentiles(seconds: list[float]) -> str:

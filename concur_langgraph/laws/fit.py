@@ -148,10 +148,8 @@ class FitLaw(LawDefaults):
         # The interval's prompt tokens times its miss rate. vLLM counts the lookups behind the
         # hit rate when a request is admitted and the prompt tokens when its prefill ends, so
         # this reads some cached tokens as prefilled (Sample.prompt_tokens_cached is exact).
-        # Measured both ways (docs/laws.md): the exact rate made demo 241.3 -> 253.7 s in the
-        # simulator and changed nothing beyond the noise on the real server, because undo_cost_s
-        # was set against this estimate; it stays until the constants are set against the
-        # exact one.
+        # undo_cost_s was set against this estimate, and the exact rate measured no better
+        # (docs/laws.md): it stays until the constants are set against the exact one.
         hit = sample.prefix_hit_rate if sample.prefix_hit_rate is not None else 0.0
         computed = sample.prompt_tokens * (1.0 - hit)
         self._prefill.append((dt, computed))

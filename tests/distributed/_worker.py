@@ -129,6 +129,7 @@ async def main(args: argparse.Namespace) -> None:
                 for step in range(args.steps):
                     await gate.before_llm_call(aid)
                     if args.hold:
+                        # real-time ok: a holder that never lets go; the test kills this process.
                         await asyncio.sleep(3600)
                     if step == 0 and args.wait_file:
                         # Keep the slot, doing nothing, until the test says go: makes "still
