@@ -1,6 +1,7 @@
 """A vLLM V1 simulator: engine, presets, tokenizer and an OpenAI-compatible server.
 
 ``SimServer("cpu-tiny")`` gives an in-process server (``http_client()``, ``chat_model()``);
+``SimCluster("cpu-tiny", replicas=4)`` several independent replicas behind one transport;
 ``concur sim serve`` serves one over HTTP. See docs/simulator.md.
 
 The engine, its presets and its cost model need nothing beyond the package; the HTTP server
@@ -22,6 +23,7 @@ from concur_langgraph.sim._tokenizer import Tokenizer
 
 if typing.TYPE_CHECKING:
     from concur_langgraph.sim._calibrate import calibrate, calibrated_config
+    from concur_langgraph.sim._cluster import SimCluster
     from concur_langgraph.sim._faults import (
         FaultInjector,
         Faults,
@@ -39,6 +41,7 @@ __all__ = [
     "FaultStatistics",
     "Faults",
     "RequestOutput",
+    "SimCluster",
     "SimConfig",
     "SimEngine",
     "SimRequest",
@@ -55,6 +58,7 @@ __all__ = [
 
 _LAZY: typing.Final = {
     "SimServer": "concur_langgraph.sim._server",
+    "SimCluster": "concur_langgraph.sim._cluster",
     "create_app": "concur_langgraph.sim._server",
     "FaultInjector": "concur_langgraph.sim._faults",
     "FaultStatistics": "concur_langgraph.sim._faults",

@@ -10,6 +10,13 @@
   requests that bind tools with ``tool_choice`` ``"auto"`` with that many tool-calling turns
   per user request before a text answer (``SimConfig.tool_call_turns``; docs/simulator.md,
   "Tool calls"). The default, 0, never calls a tool unasked.
+* ``concur sim serve ... --replicas N`` serves N independent replicas (each its own engine,
+  KV cache and ``/metrics``, as data-parallel vLLM servers) on ports ``PORT`` .. ``PORT+N-1``,
+  in one process; SIGINT or SIGTERM stops them all.
+* ``concur sim serve ... --scheduling-policy priority`` schedules as vLLM's
+  ``--scheduling-policy priority``: requests' ``priority`` orders the waiting queue and picks
+  preemption victims (``SimConfig.scheduling_policy``; docs/simulator.md, "Priority
+  scheduling"). The default is the preset's (``fcfs``, vLLM's default).
 * ``concur sim presets`` prints the presets and their key numbers.
 * ``concur sim calibrate --url URL [--preset NAME] [--out FILE.json]`` fits the step-time
   constants to a live vLLM-compatible server (``_calibrate.py``), combines them with the KV
@@ -35,15 +42,19 @@ Bad settings are refused before anything starts, with the message of the :class:
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import dataclasses
 import json
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from concur_langgraph.errors import ConcurError, ConfigError
 from concur_langgraph.extras import require
-from concur_langgraph.sim._config import SimConfig
+from concur_langgraph.sim._config import SCHEDULING_POLICIES, SimConfig
 from concur_langgraph.sim._cost import CostModel
 from concur_langgraph.sim._presets import PRESETS, get_preset
 
@@ -192,6 +203,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         if args.tool_call_turns is not None:
             overrides["tool_call_turns"] = parse_tool_call_turns(args.tool_call_turns)
+        if args.scheduling_policy is not None:
+            overrides["scheduling_policy"] = args.scheduling_policy
         config = load_config(args.preset, args.config, overrides)
         faults = faults_from_settings(args.fault)
     except ConfigError as exc:
@@ -200,6 +213,13 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port < 0 or args.port > 65535:
         print(
             f"concur sim serve: error: --port must be in 0..65535, got {args.port}", file=sys.stderr
+        )
+        return 2
+    if args.replicas < 1 or args.port + args.replicas - 1 > 65535:
+        print(
+            "concur sim serve: error: --replicas must be >= 1 with every port "
+            f"(--port .. --port + replicas - 1) in 0..65535, got {args.replicas}",
+            file=sys.stderr,
         )
         return 2
 
@@ -211,11 +231,17 @@ def _serve(args: argparse.Namespace) -> int:
     from concur_langgraph.sim._faults import FaultInjector, Faults
     from concur_langgraph.sim._server import create_app
 
-    app = create_app(SimEngine(config), faults=FaultInjector(faults), exposition=args.engine)
+    replicas = args.replicas
+    apps = [
+        create_app(SimEngine(config), faults=FaultInjector(faults), exposition=args.engine)
+        for _ in range(replicas)
+    ]
+    where = ", ".join(f"http://{args.host}:{args.port + i}" for i in range(replicas))
     print(
         f"concur sim: serving model {config.model_name!r} as {_ENGINE_NAMES[args.engine]} "
         f"({config.num_blocks} blocks x {config.block_size} tokens, "
-        f"max_model_len {config.max_model_len}) on http://{args.host}:{args.port}",
+        f"max_model_len {config.max_model_len}) on {where}"
+        + (f" ({replicas} independent replicas)" if replicas > 1 else ""),
         flush=True,
     )
     if faults.active:
@@ -226,11 +252,40 @@ def _serve(args: argparse.Namespace) -> int:
         }
         shown = ", ".join(f"{name}={value!r}" for name, value in changed.items())
         print(f"concur sim: injecting faults: {shown} (change: POST /_sim/faults)", flush=True)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
-    )
-    server.run()
+    if replicas == 1:
+        server = uvicorn.Server(
+            uvicorn.Config(apps[0], host=args.host, port=args.port, log_level=args.log_level)
+        )
+        server.run()
+        return 0
+    asyncio.run(_serve_replicas(apps, host=args.host, port=args.port, log_level=args.log_level))
     return 0
+
+
+async def _serve_replicas(apps: list[Any], *, host: str, port: int, log_level: str) -> None:
+    """Serve ``apps`` on ``port``, ``port + 1``, ... in one event loop until SIGINT/SIGTERM."""
+    import uvicorn
+
+    class _Replica(uvicorn.Server):
+        # Each uvicorn server would take the process's signals for itself (the last one
+        # started wins); the group takes them once and stops every replica.
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    servers = [
+        _Replica(uvicorn.Config(app, host=host, port=port + i, log_level=log_level))
+        for i, app in enumerate(apps)
+    ]
+
+    def stop() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    await asyncio.gather(*(server.serve() for server in servers))
 
 
 def _presets(args: argparse.Namespace) -> int:
@@ -387,6 +442,13 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="serve N independent replicas (own engine, cache and /metrics each) on ports "
+        "PORT .. PORT+N-1 (default 1)",
+    )
+    serve.add_argument(
         "--engine",
         default="vllm",
         choices=sorted(_ENGINE_NAMES),
@@ -407,6 +469,13 @@ def register(subparsers: Any) -> None:
         help="tool-calling turns per user request when tools are bound with tool_choice "
         "auto (default 0: text answers); each conversation draws its count in the range, "
         "seeded. See docs/simulator.md, 'Tool calls'",
+    )
+    serve.add_argument(
+        "--scheduling-policy",
+        choices=SCHEDULING_POLICIES,
+        default=None,
+        help="vLLM's --scheduling-policy: fcfs (the default) or priority (requests' "
+        "'priority' orders the waiting queue and picks preemption victims)",
     )
     serve.add_argument(
         "--fault",

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from concur_langgraph.checks import check_count, check_number, is_count
 from concur_langgraph.errors import ConfigError
 from concur_langgraph.sim._cost import CostModel
 
-__all__ = ["SimConfig"]
+__all__ = ["SCHEDULING_POLICIES", "SimConfig"]
+
+SCHEDULING_POLICIES: Final = ("fcfs", "priority")
+"""vLLM's ``--scheduling-policy`` values (``SchedulerPolicy`` in vllm/config/scheduler.py)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,6 +71,14 @@ class SimConfig:
     0)`` never calls a tool unasked, as the random-weight model of the real tier does;
     ``"required"`` or a named function always gets a call whatever this says."""
 
+    scheduling_policy: str = "fcfs"
+    """vLLM's ``--scheduling-policy``. ``"fcfs"`` (vLLM's default): the waiting queue in
+    arrival order, preempted requests back at its front, the most recently admitted running
+    request preempted first; a request's ``priority`` is accepted and ignored. ``"priority"``:
+    the waiting queue ordered by ``(priority, arrival)`` (lower first), preempted requests
+    re-queued by that key, and the running request with the largest ``(priority, arrival)``
+    preempted first (docs/simulator.md, "Priority scheduling")."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             raise ConfigError(
@@ -111,6 +123,13 @@ class SimConfig:
             low=0,
             high=1,
         )
+
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ConfigError(
+                "SimConfig.scheduling_policy must be one of "
+                f"{', '.join(map(repr, SCHEDULING_POLICIES))} (vLLM's --scheduling-policy), "
+                f"got {self.scheduling_policy!r}"
+            )
 
         turns = self.tool_call_turns
         if isinstance(turns, list):

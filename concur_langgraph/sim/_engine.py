@@ -12,6 +12,15 @@ Scheduling, per step (vllm/v1/core/sched/scheduler.py, FCFS policy):
    fewer than ``max_num_seqs`` requests and budget is left: a prefix-cache lookup (whole blocks;
    the last token is always computed), and admission only if the whole sequence fits in the free
    blocks; the first one that does not fit stops admission.
+
+With ``SimConfig.scheduling_policy="priority"`` (vLLM's ``--scheduling-policy priority``) the
+waiting queue is ordered by ``(priority, arrival)`` and a preempted request re-enters it by
+that key, not at the front (``PriorityRequestQueue`` in request_queue.py); the victim of step 1
+is the running request with the largest ``(priority, arrival)`` wherever it stands in the batch,
+and a victim already scheduled earlier in the step gives its tokens back to the step's budget
+(``Scheduler.schedule``). A waiting request never preempts a running one, whatever its priority.
+Requests arriving at the same loop time are ordered by arrival (vLLM's wall-clock arrival times
+never tie; virtual time's do).
 3. The step's duration comes from :class:`CostModel`; the engine sleeps until the step's end
    (``loop.call_at``) and then applies its results: each request whose computed tokens reach
    its length samples one token; requests reaching their length or EOS finish and free their
@@ -42,7 +51,7 @@ import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
@@ -204,6 +213,7 @@ class SimRequest:
         "_future",
         "_g0",
         "_hashes",
+        "_key",
         "_lazy",
         "_num_cached",
         "_output",
@@ -220,6 +230,7 @@ class SimRequest:
         "ignore_eos",
         "max_tokens",
         "min_tokens",
+        "priority",
         "request_id",
     )
 
@@ -235,9 +246,17 @@ class SimRequest:
         arrival: float,
         future: asyncio.Future[RequestOutput],
         output_tail: tuple[int, ...] = (),
+        priority: int = 0,
+        seq: int = 0,
     ) -> None:
         self._engine = engine
         self.request_id = request_id
+        self.priority = priority
+        """vLLM's request ``priority`` (lower is served first); used under the "priority"
+        scheduling policy only."""
+        # The scheduling key under the "priority" policy: vLLM's (priority, arrival_time),
+        # with the arrival sequence for arrivals at the same loop time.
+        self._key = (priority, arrival, seq)
         self.max_tokens = max_tokens
         self.min_tokens = min_tokens
         self.ignore_eos = ignore_eos
@@ -390,6 +409,78 @@ class SimRequest:
             hashes.append(parent)
 
 
+class _FCFSQueue:
+    """vLLM's ``FCFSRequestQueue``: arrival order; a preempted request goes back at the front."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        self._items: deque[SimRequest] = deque()
+
+    def add(self, req: SimRequest) -> None:
+        self._items.append(req)
+
+    def prepend(self, req: SimRequest) -> None:
+        self._items.appendleft(req)
+
+    def peek(self) -> SimRequest:
+        return self._items[0]
+
+    def pop(self) -> SimRequest:
+        return self._items.popleft()
+
+    def remove(self, req: SimRequest) -> None:
+        self._items.remove(req)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, req: object) -> bool:
+        return req in self._items
+
+    def __iter__(self) -> Iterator[SimRequest]:
+        return iter(self._items)
+
+
+class _PriorityQueue:
+    """vLLM's ``PriorityRequestQueue``: a heap on ``(priority, arrival)``; "prepending" a
+    preempted request is adding it by that key (vLLM has no front in a priority queue)."""
+
+    __slots__ = ("_heap",)
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[tuple[int, float, int], SimRequest]] = []
+
+    def add(self, req: SimRequest) -> None:
+        heapq.heappush(self._heap, (req._key, req))
+
+    prepend = add
+
+    def peek(self) -> SimRequest:
+        return self._heap[0][1]
+
+    def pop(self) -> SimRequest:
+        return heapq.heappop(self._heap)[1]
+
+    def remove(self, req: SimRequest) -> None:
+        self._heap.remove((req._key, req))
+        heapq.heapify(self._heap)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __contains__(self, req: object) -> bool:
+        return any(item is req for _key, item in self._heap)
+
+    def __iter__(self) -> Iterator[SimRequest]:
+        """In scheduling order."""
+        return (req for _key, req in sorted(self._heap))
+
+
+def _victim_key(req: SimRequest) -> tuple[int, float, int]:
+    return req._key
+
+
 @dataclass(slots=True)
 class _Plan:
     """One scheduled step, or a run of ``k`` quiet steps (pure decode, nothing changes)."""
@@ -434,7 +525,10 @@ class SimEngine:
         )
         self._requests: dict[str, SimRequest] = {}
         self._running: dict[str, SimRequest] = {}
-        self._waiting: deque[SimRequest] = deque()
+        self._priority = config.scheduling_policy == "priority"
+        self._waiting: _FCFSQueue | _PriorityQueue = (
+            _PriorityQueue() if self._priority else _FCFSQueue()
+        )
         self._explicit: set[SimRequest] = set()
         self._watched: set[SimRequest] = set()
         self._pending_aborts: list[str] = []
@@ -442,6 +536,7 @@ class SimEngine:
         self._fin_heap: list[tuple[int, int, int, SimRequest]] = []
         self._heap_seq = itertools.count()
         self._ids = itertools.count()
+        self._arrivals = itertools.count()
         self._step = 0
         self._lazy_count = 0
         self._lazy_k = 0  # sum over lazy requests of (computed at g0) - g0
@@ -478,6 +573,7 @@ class SimEngine:
         ignore_eos: bool = False,
         request_id: str | None = None,
         output_tail: list[int] | tuple[int, ...] = (),
+        priority: int = 0,
     ) -> SimRequest:
         """Queue a request; must be called from a running event loop.
 
@@ -486,6 +582,9 @@ class SimEngine:
         Its length then follows the tail, not the EOS draw: just the tail and EOS, or more
         where ``min_tokens`` or ``ignore_eos`` ask for it, or the tail's head cut at
         ``max_tokens`` (see :attr:`SimRequest.output_tail_start`).
+
+        ``priority`` is vLLM's request priority (lower is served first), used when the config's
+        ``scheduling_policy`` is ``"priority"`` and ignored under ``"fcfs"``, as vLLM does.
         """
         cfg = self.config
         prompt = tuple(prompt_token_ids)
@@ -507,6 +606,8 @@ class SimEngine:
                 f"max_tokens ({max_tokens}) is too large: the prompt has {len(prompt)} tokens "
                 f"and max_model_len is {cfg.max_model_len}"
             )
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ConfigError(f"priority must be an integer, got {priority!r}")
         tail = tuple(output_tail)
         if any(
             isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size
@@ -532,9 +633,11 @@ class SimEngine:
             arrival=loop.time(),
             future=loop.create_future(),
             output_tail=tail,
+            priority=priority,
+            seq=next(self._arrivals),
         )
         self._requests[request_id] = req
-        self._waiting.append(req)
+        self._waiting.add(req)
         self._poke()
         return req
 
@@ -787,27 +890,32 @@ class SimEngine:
         req._state = _WAITING
         req._version += 1
         self._num_preemptions += 1
-        self._waiting.appendleft(req)
+        self._waiting.prepend(req)
 
-    def _allocate(self, req: SimRequest, total_tokens: int) -> tuple[bool, bool]:
-        """Blocks for ``total_tokens`` of ``req``, preempting from the back of the batch.
+    def _allocate(self, req: SimRequest, total_tokens: int) -> tuple[bool, list[SimRequest]]:
+        """Blocks for ``total_tokens`` of ``req``, preempting victims until they fit: the most
+        recently admitted running request (fcfs), or the one with the largest
+        ``(priority, arrival)`` (priority), until ``req`` fits or is itself the victim.
 
-        Returns (scheduled, preempted_any).
+        Returns (scheduled, the requests preempted).
         """
         pool = self._pool
         need = _cdiv(total_tokens, self.config.block_size) - len(req._blocks)
-        preempted = False
+        victims: list[SimRequest] = []
         while need > pool.num_free:
-            victim = next(reversed(self._running.values()))
+            if self._priority:
+                victim = max(self._running.values(), key=_victim_key)
+            else:
+                victim = next(reversed(self._running.values()))
             self._preempt(victim)
-            preempted = True
+            victims.append(victim)
             if victim is req:
-                return False, True
+                return False, victims
         if need > 0:
             new = pool.allocate(need)
             assert new is not None
             req._blocks.extend(new)
-        return True, preempted
+        return True, victims
 
     def _plan(self) -> _Plan | None:
         cfg = self.config
@@ -820,12 +928,19 @@ class SimEngine:
         preempted = False
         scheduled: list[tuple[SimRequest, int, int]] = []
         if due or self._explicit:
+            # Tokens of this step's budget each request already handled in the loop holds: a
+            # priority victim can stand before the request that needs its blocks, and then
+            # gives them back, as in vLLM (never under fcfs, whose victim is the last one).
+            counted: dict[SimRequest, int] = {}
+            track = self._priority
             for req in list(self._running.values()):
                 if req._state != _RUNNING:
                     continue  # preempted earlier in this loop
                 if req._lazy and req not in due:
                     if budget > 0:
                         budget -= 1
+                        if track:
+                            counted[req] = 1
                     else:
                         self._unlazy(req)  # starved by earlier prefill chunks this step
                     continue
@@ -833,12 +948,19 @@ class SimEngine:
                 num_new = min(req._num_tokens() - req._computed, budget)
                 if num_new <= 0:
                     continue
-                ok, did_preempt = self._allocate(req, req._computed + num_new)
-                preempted |= did_preempt
+                ok, victims = self._allocate(req, req._computed + num_new)
+                if victims:
+                    preempted = True
+                    restored = sum(counted.pop(v, 0) for v in victims)
+                    if restored:
+                        budget += restored
+                        scheduled = [s for s in scheduled if s[0]._state == _RUNNING]
                 if not ok:
                     break
                 self._cache_blocks(req, req._computed + num_new)
                 budget -= num_new
+                if track:
+                    counted[req] = num_new
                 scheduled.append((req, req._computed, num_new))
         else:
             budget -= self._lazy_count
@@ -894,7 +1016,7 @@ class SimEngine:
         waiting = self._waiting
         caching = cfg.enable_prefix_caching
         while waiting and budget > 0 and len(self._running) < cfg.max_num_seqs:
-            req = waiting[0]
+            req = waiting.peek()
             if self._blocked is not None and self._blocked == (pool.version, req):
                 return
             num_tokens = req._num_tokens()
@@ -921,7 +1043,7 @@ class SimEngine:
                 self._prefix_hits += hit_tokens
             if req._cached_tokens < 0:
                 req._cached_tokens = hit_tokens
-            waiting.popleft()
+            waiting.pop()
             req._state = _RUNNING
             self._running[req.request_id] = req
             self._explicit.add(req)

