@@ -18,6 +18,7 @@ import typing
 from concur_langgraph.core.controller import Controller, ControllerStatistics, WindowChange
 from concur_langgraph.core.gate import AgentAccount, Gate, GateStatistics
 from concur_langgraph.core.law import ControlLaw
+from concur_langgraph.core.replicas import ReplicaError
 from concur_langgraph.core.signals import (
     InProcessMetricsSource,
     MetricsSource,
@@ -42,6 +43,7 @@ from concur_langgraph.errors import (
 )
 from concur_langgraph.integrations.callbacks import ConcurCallbackHandler
 from concur_langgraph.integrations.node import gate_node
+from concur_langgraph.integrations.transport import RoutingTransport, routed_http_client
 from concur_langgraph.integrations.wrapper import ConcurGate
 from concur_langgraph.laws.admit import AdmitLaw
 from concur_langgraph.laws.fit import FitLaw
@@ -50,7 +52,7 @@ from concur_langgraph.laws.paper import ConcurLaw
 from concur_langgraph.laws.profile import BatchProfile
 from concur_langgraph.session.options import SessionOptions
 from concur_langgraph.session.session import ConcurSession
-from concur_langgraph.session.statistics import SessionStatistics
+from concur_langgraph.session.statistics import ReplicaSnapshot, SessionStatistics
 
 if typing.TYPE_CHECKING:
     from concur_langgraph.distributed.redis_window import RedisWindow
@@ -88,6 +90,9 @@ __all__ = [
     "NotVLLMError",
     "Permit",
     "RedisWindow",
+    "ReplicaError",
+    "ReplicaSnapshot",
+    "RoutingTransport",
     "Sample",
     "SessionOptions",
     "SessionStatistics",
@@ -100,6 +105,7 @@ __all__ = [
     "WindowChange",
     "WindowStatistics",
     "gate_node",
+    "routed_http_client",
 ]
 
 

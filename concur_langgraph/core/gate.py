@@ -26,13 +26,27 @@ get evicted (:meth:`Gate.accounting`).
 from __future__ import annotations
 
 import asyncio
+import weakref
 from dataclasses import dataclass
 
 from concur_langgraph.checks import check_number
 from concur_langgraph.core.window import AdmissionWindow, Permit, WindowStatistics
 from concur_langgraph.errors import AdmissionTimeoutError, ConcurError
 
-__all__ = ["AgentAccount", "Gate", "GateStatistics"]
+__all__ = ["AgentAccount", "Gate", "GateStatistics", "find_gate"]
+
+# Every live Gate of this process, for the HTTP transport that tags requests (it is built
+# before the gate, as the model is, and finds an agent's gate by asking which gate knows it).
+_LIVE: weakref.WeakSet[Gate] = weakref.WeakSet()
+
+
+def find_gate(agent_id: str) -> Gate | None:
+    """The live :class:`Gate` that knows ``agent_id`` (it passed it at least once), or
+    ``None``."""
+    for gate in list(_LIVE):
+        if agent_id in gate._agents:
+            return gate
+    return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,6 +144,8 @@ class Gate:
             :class:`AdmissionTimeoutError` (the agent's run fails and its slot accounting is
             clean). ``None`` waits as long as it takes: the window never drops below 1, so
             every waiter is eventually served.
+        priority_hint: tag each agent's requests with its admission rank as the engine's
+            request priority (:meth:`priority_of`; sent by the routing transport).
     """
 
     def __init__(
@@ -138,6 +154,7 @@ class Gate:
         *,
         max_rps: float | None = None,
         admission_timeout_s: float | None = None,
+        priority_hint: bool = False,
     ) -> None:
         max_rps = check_number("max_rps", max_rps, low=0, low_open=True, optional=True)
         admission_timeout_s = check_number(
@@ -159,11 +176,25 @@ class Gate:
         self._arrivals = 0
         self._tokens_generated = 0
         self._usage_missing = 0
+        self.priority_hint = priority_hint
+        _LIVE.add(self)
 
     def holds(self, agent_id: str) -> bool:
         """Whether the agent holds a slot now."""
         agent = self._agents.get(agent_id)
         return agent is not None and agent.permit is not None and not agent.permit.released
+
+    def priority_of(self, agent_id: str) -> int | None:
+        """The engine priority of the agent's next request when ``priority_hint`` is on: its
+        slot's place in the admission order (lower = admitted earlier = served first and
+        preempted last by a vLLM started with ``--scheduling-policy priority``, the same
+        agents the window would park last); ``None`` when the hint is off or the agent holds
+        no slot."""
+        if not self.priority_hint:
+            return None
+        agent = self._agents.get(agent_id)
+        permit = agent.permit if agent is not None else None
+        return None if permit is None or permit.released else permit.seq
 
     async def before_llm_call(self, agent_id: str, *, llm_call: bool = True) -> None:
         """Wait until ``agent_id`` may send its next LLM call (see the module docstring).
@@ -293,6 +324,44 @@ class Gate:
         if permit is not None:
             agent.permit = None
             await self.window.release(permit)
+
+    async def forget(self, agent_id: str) -> AgentAccount | None:
+        """Take the agent out of this gate without ending its run (it moves to another
+        replica's gate, :class:`~concur_langgraph.core.replicas.ReplicaGate`): its slot is given
+        back, it does not count as completed; returns what the gate knew of it (``None`` for an
+        unknown agent)."""
+        agent = self._agents.pop(agent_id, None)
+        if agent is None:
+            return None
+        account = AgentAccount(
+            agent_id=agent_id,
+            state="parked",
+            context=agent.context,
+            generated=agent.generated,
+            steps=agent.steps,
+            first_context=agent.first_context,
+            in_call=False,
+            order=agent.order,
+        )
+        permit, agent.permit = agent.permit, None
+        if permit is not None:
+            await self.window.release(permit)
+        return account
+
+    def adopt(self, agent_id: str, account: AgentAccount | None) -> None:
+        """Take in an agent that ran elsewhere (see :meth:`forget`): its next call waits for a
+        slot as a parked agent does (ahead of new agents), and its account carries over.
+        Does nothing for an agent this gate knows already."""
+        if agent_id in self._agents:
+            return
+        self._arrivals += 1
+        agent = self._agents[agent_id] = _Agent(self._arrivals)
+        agent.parked = True
+        if account is not None:
+            agent.context = account.context
+            agent.first_context = account.first_context
+            agent.generated = account.generated
+            agent.steps = account.steps
 
     def statistics(self) -> GateStatistics:
         """A snapshot of the gate and its window."""

@@ -79,7 +79,7 @@ class SharedAccounts:
         self,
         client: Any,
         batch_id: str,
-        local: Callable[[], list[AgentAccount]],
+        local: Callable[[], Sequence[AgentAccount]],
         *,
         interval_s: float,
         ttl_s: float | None = None,
@@ -105,7 +105,7 @@ class SharedAccounts:
     def accounts(self) -> list[AgentAccount]:
         """The batch's accounts as last collected, merged; this worker's own until the first
         collection (or when not collecting)."""
-        return self._merged if self._collect else self._local()
+        return self._merged if self._collect else list(self._local())
 
     async def start_collecting(self) -> None:
         """Collect every interval from now on (this process leads); collects once at once."""

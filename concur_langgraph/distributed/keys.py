@@ -12,7 +12,14 @@ from typing import Any
 from concur_langgraph.errors import ConfigError
 from concur_langgraph.extras import require
 
-__all__ = ["batch_key", "check_batch_id", "import_redis", "is_redis_window", "lua_script"]
+__all__ = [
+    "batch_key",
+    "check_batch_id",
+    "import_redis",
+    "is_redis_window",
+    "lua_script",
+    "replica_batch_id",
+]
 
 
 def import_redis() -> Any:
@@ -25,6 +32,12 @@ def import_redis() -> Any:
 def batch_key(batch_id: str, name: str) -> str:
     """The Redis key ``name`` of batch ``batch_id`` (hash-tagged: one cluster slot per batch)."""
     return f"concur:{{{batch_id}}}:{name}"
+
+
+def replica_batch_id(batch_id: str, replica: int) -> str:
+    """The batch id of replica ``replica``'s window in batch ``batch_id`` (several replicas:
+    one window, one leader and one set of accounts per replica, each under its own id)."""
+    return f"{batch_id}/replica-{replica}"
 
 
 def check_batch_id(batch_id: object) -> str:

@@ -50,6 +50,7 @@ from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.runtime import Runtime
 from langgraph.types import Command
 
+from concur_langgraph.core.replicas import CALLING_AGENT
 from concur_langgraph.errors import ConcurError, SyncInvocationError
 from concur_langgraph.integrations.callbacks import find_handler
 from concur_langgraph.integrations.usage import usage_of_message
@@ -138,7 +139,13 @@ class ConcurMiddleware(SessionUser, AgentMiddleware[ConcurAgentState, Any, Any])
         gate = self.session.gate
         try:
             await gate.before_llm_call(agent_id)
-            response = await handler(request)
+            # The routing transport (several replicas) finds the calling agent here when the
+            # run has no thread id.
+            token = CALLING_AGENT.set(agent_id)
+            try:
+                response = await handler(request)
+            finally:
+                CALLING_AGENT.reset(token)
         except BaseException:
             await gate.release(agent_id)
             raise

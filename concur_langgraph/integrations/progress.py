@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from concur_langgraph.core.window import window_text
 from concur_langgraph.errors import ConfigError
 from concur_langgraph.session.session import ConcurSession
+from concur_langgraph.session.statistics import ReplicaSnapshot
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -90,6 +91,9 @@ class BatchProgress:
         ]
         if self.failed:
             parts.insert(1, f"{self.failed} failed")
+        if stats.replicas:
+            # Each replica's window and pressure: "r0 8 KV 91%, r1 12 KV 64%, r2 dead".
+            parts.append(", ".join(_replica_part(replica) for replica in stats.replicas))
         controller = stats.controller
         sample = controller.last_sample if controller is not None else None
         if sample is not None:
@@ -113,7 +117,14 @@ class BatchProgress:
             f"{gate.llm_calls:,} LLM calls, {gate.parks_total:,} parks"
         ]
         windows = [int(w) for w in self._session.timeline().get("window", []) if w is not None]
-        if windows:
+        if stats.replicas:
+            lines.append(f"windows: {', '.join(_replica_part(r) for r in stats.replicas)}")
+            lines.extend(
+                f"replica {r.index}: {r.placed_total} agents placed, {r.gate.parks_total} parks"
+                + ("" if r.alive else ", died during the batch")
+                for r in stats.replicas
+            )
+        elif windows:
             low, high = min(windows), max(windows)
             lines.append(
                 f"window: stayed {window_text(low)}"
@@ -179,3 +190,14 @@ def _console(*, required: bool) -> Console | None:
             ) from exc
         return None
     return Console(file=sys.stdout)
+
+
+def _replica_part(replica: ReplicaSnapshot) -> str:
+    if not replica.alive:
+        return f"r{replica.index} dead"
+    part = f"r{replica.index} {window_text(replica.gate.window.limit)}"
+    controller = replica.controller
+    sample = controller.last_sample if controller is not None else None
+    if sample is not None:
+        part += f" KV {sample.kv_usage:.0%}"
+    return part

@@ -32,7 +32,7 @@ import gzip
 import logging
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder, generate_latest, gzip_accepted
@@ -117,6 +117,21 @@ METRICS: Final[dict[str, tuple[str, str]]] = {
     "concur_sample_kv_capacity_tokens": ("gauge", "KV-cache size in tokens (when vLLM says)."),
     "concur_sample_interval_seconds": ("gauge", "Length of the last sample's interval."),
     "concur_sample_stale": ("gauge", "1 when the last sample did not cover every endpoint."),
+    "concur_replica_alive": (
+        "gauge",
+        "Per replica (label replica: its base URL): 1 while it takes agents, 0 once dead.",
+    ),
+    "concur_replica_window": ("gauge", "Per replica: its own admission window."),
+    "concur_replica_agents": (
+        "gauge",
+        "Per replica: agents placed on it by state (active, parked, waiting).",
+    ),
+    "concur_replica_placed": ("counter", "Per replica: agents placed on it (re-placements too)."),
+    "concur_replica_kv_usage_ratio": ("gauge", "Per replica: KV-cache usage in its last sample."),
+    "concur_replica_preemptions": (
+        "gauge",
+        "Per replica: preemptions during its last sample's interval.",
+    ),
 }
 """Every metric the exporter can serve. Families whose data do not exist yet (no controller,
 no sample, a hit rate over an interval without queries) are left out of a scrape rather than
@@ -178,6 +193,8 @@ class SessionCollector(Collector):
         yield _counter("concur_admissions", window.admitted_total)
         if stats.leader is not None:
             yield _gauge("concur_leader", 1.0 if stats.leader else 0.0)
+        if stats.replicas:
+            yield from _replica_families(stats)
         controller = stats.controller
         if controller is None:
             return
@@ -203,6 +220,40 @@ class SessionCollector(Collector):
         if sample.interval_s is not None:
             yield _gauge("concur_sample_interval_seconds", sample.interval_s)
         yield _gauge("concur_sample_stale", 1.0 if sample.stale else 0.0)
+
+
+def _replica_families(stats: SessionStatistics) -> Iterator[Metric]:
+    """The per-replica families (a batch on several replicas), labelled by base URL."""
+
+    def family(name: str, labels: tuple[str, ...] = ("replica",)) -> Any:
+        kind, text = METRICS[name]
+        cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        return cls(name, text, labels=list(labels))
+
+    alive, window, placed = (
+        family("concur_replica_alive"),
+        family("concur_replica_window"),
+        family("concur_replica_placed"),
+    )
+    agents = family("concur_replica_agents", ("replica", "state"))
+    usage, preemptions = (
+        family("concur_replica_kv_usage_ratio"),
+        family("concur_replica_preemptions"),
+    )
+    for replica in stats.replicas:
+        url, gate = replica.url, replica.gate
+        alive.add_metric([url], 1.0 if replica.alive else 0.0)
+        window.add_metric([url], gate.window.limit)
+        placed.add_metric([url], replica.placed_total)
+        for state, count in zip(
+            AGENT_STATES, (gate.active, gate.parked, gate.waiting), strict=True
+        ):
+            agents.add_metric([url, state], count)
+        sample = replica.controller.last_sample if replica.controller is not None else None
+        if sample is not None:
+            usage.add_metric([url], sample.kv_usage)
+            preemptions.add_metric([url], sample.preemptions)
+    yield from (alive, window, agents, placed, usage, preemptions)
 
 
 class MetricsExporter:

@@ -55,6 +55,8 @@ class OtherSessionKwargs(TypedDict, total=False):
     redis_url: str | None
     batch_id: str | None
     metrics_port: int | None
+    router: bool
+    priority_hint: bool
 
 
 class SessionKwargs(OtherSessionKwargs, total=False):
@@ -132,6 +134,24 @@ class SessionOptions:
     ``0`` picks a free port (``ConcurSession.metrics_url`` says which). ``None``: no export.
     Loopback only: the numbers are for a scraper or ``concur watch`` on the same host. Off by
     default because a port is a resource two batches on one host would fight over."""
+
+    router: bool = False
+    """Whether a router (llm-d, Dynamo, vllm-router, a load balancer) places the calls on the
+    replicas. ``False`` (the default): with several URLs the gate places each agent on one
+    replica, keeps one window per replica driven by that replica's own signals, and routes the
+    calls itself (build the model with ``http_async_client=routed_http_client()``;
+    docs/distributed.md, "Replicas"). ``True``: the client cannot choose, so the several URLs
+    are read as one server (the fullest replica's KV usage, the counters summed) under one
+    window. With one URL it changes nothing."""
+
+    priority_hint: bool = False
+    """Send each agent's admission rank as its requests' ``priority`` (vLLM's request field:
+    lower is scheduled first and preempted last by a server started with
+    ``--scheduling-policy priority``), through :func:`routed_http_client`: the engine then
+    preempts the agents the window would park first, at once, instead of at their next step.
+    Off by default: a server on the default fcfs policy ignores the field (vLLM 0.32 accepts it
+    and does nothing), and a server that mixes this batch with other traffic would rank it
+    against that traffic (docs/laws.md has what it measured)."""
 
     @classmethod
     def from_kwargs(cls, options: Mapping[str, Any]) -> SessionOptions:
@@ -219,11 +239,28 @@ class SessionOptions:
             )
         if self.metrics_port is not None:
             check_port("metrics_port", self.metrics_port)
+        if not isinstance(self.router, bool):
+            raise ConfigError(f"router: must be True or False, got {self.router!r}")
+        if not isinstance(self.priority_hint, bool):
+            raise ConfigError(f"priority_hint: must be True or False, got {self.priority_hint!r}")
+        if self.replicated:
+            field = self.url_field
+            if self.window is not None:
+                raise ConfigError(
+                    f"window: one window instance cannot serve the {len(self.urls)} replicas of "
+                    f"{field} (each replica gets its own window); pass router=True to run them "
+                    "as one server under this window"
+                )
 
     @property
     def url_field(self) -> str:
         """The option the URLs were given as (``vllm_url`` or ``metrics_url``), for messages."""
         return "metrics_url" if self.metrics_url is not None else "vllm_url"
+
+    @property
+    def replicated(self) -> bool:
+        """Whether the batch runs one window per replica (several URLs and no router)."""
+        return len(self.urls) > 1 and not self.router
 
     @property
     def urls(self) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from typing import Any
 from concur_langgraph.core.window import OPEN
 from concur_langgraph.extras import require
 
-__all__ = ["new_figure", "plot_timeline"]
+__all__ = ["new_figure", "plot_timeline", "plot_timelines"]
 
 
 def new_figure(rows: int, *, height: float = 2.2) -> tuple[Any, Any]:
@@ -43,6 +43,11 @@ def plot_timeline(
     server's running and waiting requests.
     """
     figure, (signals, gate, server) = new_figure(3)
+    _draw(timeline, signals, gate, server)
+    return _save(figure, path, title)
+
+
+def _draw(timeline: Mapping[str, Sequence[Any]], signals: Any, gate: Any, server: Any) -> None:
     t = list(timeline["t"])
     admitted = _values(timeline["admitted"])
     queued = _values(timeline["queued"])
@@ -67,6 +72,29 @@ def plot_timeline(
     for ax in (signals, gate, server):
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper right", fontsize="small")
+
+
+def plot_timelines(
+    timelines: Sequence[tuple[str, Mapping[str, Sequence[Any]]]],
+    path: str | os.PathLike[str],
+    *,
+    title: str,
+) -> Path:
+    """Several windows' timelines side by side (one column per replica, each titled with its
+    name), the panels of :func:`plot_timeline` in each column, sharing the time axis."""
+    require("matplotlib", what="plots")
+    from matplotlib.figure import Figure
+
+    columns = len(timelines)
+    figure = Figure(figsize=(5 * columns, 6.6))
+    axes = figure.subplots(3, columns, sharex=True, squeeze=False)
+    for column, (name, timeline) in enumerate(timelines):
+        _draw(timeline, axes[0, column], axes[1, column], axes[2, column])
+        axes[0, column].set_title(name, fontsize="medium")
+    return _save(figure, path, title)
+
+
+def _save(figure: Any, path: str | os.PathLike[str], title: str) -> Path:
     figure.suptitle(title)
     figure.tight_layout()
     out = Path(path)

@@ -27,27 +27,29 @@ leader that dies is replaced within the leadership lease (``docs/distributed.md`
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from concur_langgraph.core.controller import Controller, ControllerStatistics, stop_task
-from concur_langgraph.core.gate import Gate
+from concur_langgraph.core.controller import Controller, WindowChange, stop_task
+from concur_langgraph.core.gate import AgentAccount, Gate
+from concur_langgraph.core.replicas import ReplicaGate
 from concur_langgraph.core.signals import MetricsSource
 from concur_langgraph.core.window import AdmissionWindow, LocalWindow
-from concur_langgraph.distributed.keys import is_redis_window
+from concur_langgraph.distributed.keys import is_redis_window, replica_batch_id
 from concur_langgraph.errors import ConcurError, ConfigError
-from concur_langgraph.laws.fixed import FixedLaw
 from concur_langgraph.session.exporter import MetricsExporter
 from concur_langgraph.session.options import SessionOptions
-from concur_langgraph.session.statistics import SessionStatistics
+from concur_langgraph.session.statistics import ReplicaSnapshot, SessionStatistics
+from concur_langgraph.session.steering import ControllerFactory, Steering
 
 if TYPE_CHECKING:
-    from concur_langgraph.distributed.accounts import SharedAccounts
     from concur_langgraph.distributed.leader import Leadership
-    from concur_langgraph.distributed.redis_window import RedisWindow
+    from concur_langgraph.distributed.placements import RedisPlacements
 
 __all__ = ["ConcurSession", "SessionUser"]
 
@@ -63,6 +65,11 @@ class ConcurSession:
     A session without signals (``FixedLaw`` and no URL) and without Redis works without being
     entered; a session with signals or a ``redis_url`` must be entered, so that its background
     tasks (polling, leases) have an owner.
+
+    With several replicas (``vllm_url=[...]``, no ``router``) the session has one window, one
+    law and one controller per replica and a :class:`ReplicaGate` that places each agent on
+    one (``core/replicas.py``); on Redis, each replica's window is shared with a leader of its
+    own, and the placements are shared too (``distributed/placements.py``).
     """
 
     def __init__(self, options: SessionOptions | None = None, **kwargs: Any) -> None:
@@ -72,34 +79,79 @@ class ConcurSession:
             raise ConfigError("options: give a SessionOptions or keywords, not both")
         self.options = options
         self.window: AdmissionWindow
-        if options.window is not None:
-            self.window = options.window
-        elif options.redis_url is not None:
-            assert options.batch_id is not None
-            from concur_langgraph.distributed.redis_window import RedisWindow
+        self.gate: Gate | ReplicaGate
+        self._placements: RedisPlacements | None = None
+        if options.replicated:
+            # One window and gate per replica, each agent placed on one (core/replicas.py).
+            windows = [self._make_window(index) for index in range(len(options.urls))]
+            gates = [
+                Gate(
+                    w,
+                    max_rps=options.max_rps,
+                    admission_timeout_s=options.admission_timeout_s,
+                    priority_hint=options.priority_hint,
+                )
+                for w in windows
+            ]
+            for gate in gates[1:]:
+                # max_rps caps the batch's calls, not each replica's: one limiter for all.
+                gate._limiter = gates[0]._limiter
+            replica_gate = ReplicaGate(options.urls, gates)
+            replica_gate.on_dead = self._replica_died
+            if options.redis_url is not None:
+                from concur_langgraph.distributed.placements import RedisPlacements
 
-            self.window = RedisWindow(
-                options.redis_url, batch_id=options.batch_id, initial_limit=options.start_window
-            )
+                self._placements = RedisPlacements(
+                    windows[0],  # type: ignore[arg-type]  # a RedisWindow with redis_url
+                    options.batch_id,
+                    options.urls,
+                )
+                replica_gate.store = self._placements
+            self.gate = replica_gate
+            self.window = replica_gate.window  # type: ignore[assignment]  # the sum, for displays
+            self._steerings = [
+                Steering(
+                    windows[index],
+                    options,
+                    gates[index].accounting,
+                    self._controller_factory(index),
+                )
+                for index in range(len(windows))
+            ]
         else:
-            self.window = LocalWindow(options.start_window)
-        self.gate = Gate(
-            self.window,
-            max_rps=options.max_rps,
-            admission_timeout_s=options.admission_timeout_s,
-        )
-        self._controller: Controller | None = None
-        self._last_controller: Controller | None = None
-        self._final_controller_stats: ControllerStatistics | None = None
-        self._leadership: Leadership | None = None
-        # On a shared window with signals: every worker's agent accounts, for the leader's law.
-        self._accounts: SharedAccounts | None = None
-        self._lead_task: asyncio.Task[None] | None = None
-        # A controller that died during an earlier reign: raised on exit, as in-process.
-        self._reign_failure: BaseException | None = None
+            self.window = options.window if options.window is not None else self._make_window()
+            self.gate = Gate(
+                self.window,
+                max_rps=options.max_rps,
+                admission_timeout_s=options.admission_timeout_s,
+                priority_hint=options.priority_hint,
+            )
+            self._steerings = [
+                Steering(
+                    self.window,
+                    options,
+                    self.gate.accounting,
+                    self._controller_factory(None),
+                    given_window=options.window is not None,
+                )
+            ]
+        self._poll_task: asyncio.Task[None] | None = None
         self._exporter: MetricsExporter | None = None
         self._entered = False
         self._closed = False
+
+    def _make_window(self, replica: int | None = None) -> AdmissionWindow:
+        opts = self.options
+        if opts.redis_url is None:
+            return LocalWindow(opts.start_window)
+        assert opts.batch_id is not None
+        from concur_langgraph.distributed.redis_window import RedisWindow
+
+        return RedisWindow(
+            opts.redis_url,
+            batch_id=opts.batch_id if replica is None else replica_batch_id(opts.batch_id, replica),
+            initial_limit=opts.start_window,
+        )
 
     @property
     def metrics_url(self) -> str | None:
@@ -108,13 +160,15 @@ class ConcurSession:
 
     @property
     def controller(self) -> Controller | None:
-        """The running controller, or ``None`` (no signals, not entered, or not the leader)."""
-        return self._controller
+        """The running controller, or ``None`` (no signals, not entered, not the leader, or
+        several replicas: each has its own, see :meth:`statistics`)."""
+        return self._steerings[0].controller if len(self._steerings) == 1 else None
 
     @property
     def leadership(self) -> Leadership | None:
-        """The leader campaign of a distributed session with signals, while entered."""
-        return self._leadership
+        """The leader campaign of a distributed session with signals, while entered (with
+        several replicas: replica 0's)."""
+        return self._steerings[0].leadership
 
     @property
     def needs_controller(self) -> bool:
@@ -124,7 +178,7 @@ class ConcurSession:
     @property
     def distributed(self) -> bool:
         """Whether the window is shared through Redis with other processes."""
-        return is_redis_window(self.window)
+        return self.options.redis_url is not None or is_redis_window(self.window)
 
     @property
     def closed(self) -> bool:
@@ -162,22 +216,26 @@ class ConcurSession:
         if self._entered or self._closed:
             raise ConcurError("a session can be entered once; create a new one per batch")
         opts = self.options
+        started: list[Steering] = []
         try:
             if opts.metrics_port is not None:
                 # First: a port in use fails before the controller or Redis is touched.
                 exporter = MetricsExporter(self.statistics, port=opts.metrics_port)
                 await exporter.start()
                 self._exporter = exporter
-            if is_redis_window(self.window):
-                await self._enter_distributed(self.window)  # type: ignore[arg-type]
-            else:
-                if opts.window is not None and opts.window.limit != opts.start_window:
-                    await opts.window.set_limit(opts.start_window)
-                if self.needs_controller:
-                    controller = self._new_controller(self.window, opts.start_window)
-                    await controller.__aenter__()
-                    self._controller = controller
+            if self._placements is not None:
+                # Every worker must list the same replicas in the same order.
+                await self._placements.join()
+            for steering in self._steerings:
+                await steering.start()
+                started.append(steering)
+            if isinstance(self.gate, ReplicaGate) and self._placements is not None:
+                self._poll_task = asyncio.create_task(
+                    self._poll_replicas(self.gate), name="concur-replicas"
+                )
         except BaseException:
+            for steering in reversed(started):
+                await steering.stop()
             await self._close_exporter()
             await self._close_owned_window()
             self._closed = True
@@ -193,24 +251,20 @@ class ConcurSession:
     ) -> None:
         self._entered = False
         self._closed = True
-        lead_task, self._lead_task = self._lead_task, None
-        leadership, self._leadership = self._leadership, None
-        accounts, self._accounts = self._accounts, None
         try:
-            failure = self._reign_failure
-            if lead_task is not None:
-                failure = await stop_task(lead_task) or failure
+            poll_task, self._poll_task = self._poll_task, None
+            if poll_task is not None:
+                await stop_task(poll_task)
+            failure: BaseException | None = None
             try:
-                await self._end_reign(exc_type, exc, tb)
+                for steering in self._steerings:
+                    try:
+                        failure = await steering.stop(exc_type, exc, tb) or failure
+                    except BaseException as error:  # stop them all, raise the first failure
+                        failure = failure or error
             finally:
-                try:
-                    if leadership is not None:
-                        await leadership.__aexit__(None, None, None)
-                finally:
-                    if accounts is not None:
-                        await accounts.__aexit__(None, None, None)
-            if failure is not None and exc is None:
-                raise failure
+                if failure is not None and exc is None:
+                    raise failure
         finally:
             await self._close_exporter()
             await self._close_owned_window()
@@ -218,64 +272,136 @@ class ConcurSession:
     def timeline(self) -> dict[str, list[float | int | None]]:
         """The batch over time, one row per controller tick (columns
         :data:`~concur_langgraph.core.controller.TIMELINE_KEYS`: the window and why it moved, KV
-        usage, hit rate, agents admitted and queued); empty without a controller."""
-        controller = self._controller or self._last_controller
-        return controller.timeline() if controller is not None else {}
+        usage, hit rate, agents admitted and queued); empty without a controller. With several
+        replicas: replica 0's (:meth:`timelines` has each one's)."""
+        return self._steerings[0].timeline()
+
+    def timelines(self) -> list[dict[str, list[float | int | None]]]:
+        """Each window's :meth:`timeline`: one per replica (one in all on one server)."""
+        return [steering.timeline() for steering in self._steerings]
 
     def plot(self, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
-        """Write a PNG of :meth:`timeline` to ``path`` (needs the ``plot`` extra: matplotlib).
+        """Write a PNG of :meth:`timeline` to ``path`` (needs the ``plot`` extra: matplotlib);
+        with several replicas, one panel column per replica.
 
         Raises :class:`ConfigError` when there is nothing to draw: the batch had no controller
         (a ``FixedLaw`` without ``vllm_url``, or a worker that never led a shared window).
         """
-        from concur_langgraph.session.plot import plot_timeline
+        from concur_langgraph.session.plot import plot_timeline, plot_timelines
 
-        timeline = self.timeline()
-        if not timeline.get("t"):
+        timelines = [t for t in self.timelines() if t.get("t")]
+        if not timelines:
             raise ConfigError(
                 "plot: this batch has no timeline: its window was not driven by server "
                 "signals in this process (FixedLaw without vllm_url, or a worker that never "
                 "led the shared window)"
             )
-        return plot_timeline(timeline, path, title=title or "concur batch")
+        if isinstance(self.gate, ReplicaGate):
+            names = [f"replica {i}: {url}" for i, url in enumerate(self.gate.urls)]
+            return plot_timelines(
+                [(n, t) for n, t in zip(names, self.timelines(), strict=True) if t.get("t")],
+                path,
+                title=title or "concur batch",
+            )
+        return plot_timeline(timelines[0], path, title=title or "concur batch")
 
     def statistics(self) -> SessionStatistics:
-        """A snapshot of the gate, its window and the controller."""
-        controller = self._controller
-        leadership = self._leadership
+        """A snapshot of the gate, its window and the controller (with several replicas: the
+        batch summed in ``gate``, and each replica's own in ``replicas``)."""
+        if isinstance(self.gate, ReplicaGate):
+            replicas = tuple(
+                ReplicaSnapshot(
+                    index=part.index,
+                    url=part.url,
+                    alive=part.alive,
+                    placed_total=part.placed_total,
+                    gate=part.gate,
+                    controller=self._steerings[part.index].statistics(),
+                    leader=self._steerings[part.index].leader,
+                )
+                for part in self.gate.replica_statistics()
+            )
+            return SessionStatistics(
+                gate=self.gate.statistics(), controller=None, replicas=replicas
+            )
+        steering = self._steerings[0]
         return SessionStatistics(
             gate=self.gate.statistics(),
-            controller=(
-                controller.statistics() if controller is not None else self._final_controller_stats
-            ),
-            leader=(
-                leadership is not None and leadership.is_leader and controller is not None
-                if self.distributed and self.needs_controller
-                else None
-            ),
+            controller=steering.statistics(),
+            leader=steering.leader,
         )
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _new_controller(self, window: Any, initial_window: int) -> Controller:
+    def _controller_factory(self, replica: int | None) -> ControllerFactory:
+        """Makes the controller of one window: on the session's URLs (or source), or on one
+        replica's URL, with a fresh law (laws keep history)."""
         opts = self.options
-        source = opts.source
-        if source is None:
-            source = MetricsSource(opts.urls, client=opts.http_client, field=opts.url_field)
-        return Controller(
-            source=source,
-            law=opts.control_law(),
-            window=window,
-            interval_s=opts.interval_s,
-            min_window=opts.min_window,
-            max_window=opts.max_window,
-            initial_window=initial_window,
-            # A shared window's agents are spread over the workers: the leader's law reads
-            # every worker's accounts, merged (distributed/accounts.py).
-            accounting=(
-                self._accounts.accounts if self._accounts is not None else self.gate.accounting
-            ),
-        )
+
+        def new_controller(
+            window: Any, initial_window: int, accounting: Callable[[], Sequence[AgentAccount]]
+        ) -> Controller:
+            if replica is None:
+                source = opts.source
+                if source is None:
+                    source = MetricsSource(opts.urls, client=opts.http_client, field=opts.url_field)
+                law = opts.control_law()
+                on_change = None
+            else:
+                source = MetricsSource(
+                    (opts.urls[replica],), client=opts.http_client, field=opts.url_field
+                )
+                law = (
+                    copy.deepcopy(opts.control_law())
+                    if opts.law is not None
+                    else opts.control_law()
+                )
+                gate = self.gate
+                assert isinstance(gate, ReplicaGate)
+
+                def on_change(_change: WindowChange) -> None:
+                    # A replica's window moved: agents waiting for a replica may fit there now.
+                    gate.window_changed()
+
+            return Controller(
+                source=source,
+                law=law,
+                window=window,
+                interval_s=opts.interval_s,
+                min_window=opts.min_window,
+                max_window=opts.max_window,
+                initial_window=initial_window,
+                accounting=accounting,
+                on_change=on_change,
+            )
+
+        return new_controller
+
+    async def _replica_died(self, index: int) -> None:
+        """A replica was marked dead: stop driving its window (it no longer matters)."""
+        if self._placements is not None:
+            await self._placements.mark_dead(index)
+        steering = self._steerings[index]
+        if self._entered:
+            failure = await steering.stop()
+            if failure is not None:
+                logger.warning("concur: replica %d's controller had failed: %s", index, failure)
+
+    async def _poll_replicas(self, gate: ReplicaGate) -> None:
+        """Shared replicas: other workers' releases and leaders' resizes change the room on a
+        replica without an event here, and a replica another worker found dead is dead here
+        too; so, every quarter interval, learn the dead ones and place waiting agents."""
+        assert self._placements is not None
+        period = self.options.interval_s / 4
+        while True:
+            await asyncio.sleep(period)
+            try:
+                for index in await self._placements.dead():
+                    if gate.alive(index):
+                        await gate.mark_dead(index, reason="marked dead by another worker")
+            except Exception as exc:  # Redis away: the windows report it themselves
+                logger.debug("concur: could not read the dead replicas: %s", exc)
+            gate.window_changed()
 
     async def _close_exporter(self) -> None:
         exporter, self._exporter = self._exporter, None
@@ -285,123 +411,6 @@ class ConcurSession:
     async def _close_owned_window(self) -> None:
         if self.options.window is None:
             await self.window.aclose()
-
-    async def _enter_distributed(self, window: RedisWindow) -> None:
-        opts = self.options
-        # Join the stored window: a worker that starts late (or restarts) must not reset what
-        # the leader has learned; RedisWindow seeds initial_limit only into a new batch.
-        await window.refresh()
-        if (
-            opts.window is None
-            and isinstance(opts.law, FixedLaw)
-            and window.limit != opts.start_window
-        ):
-            # Every worker of a FixedLaw batch sets the same k: no writer can disagree. A
-            # window passed in is left alone: its owner may be driving it (its own leader).
-            await window.set_limit(opts.start_window)
-        if not self.needs_controller:
-            return
-        # The window's client is reused: one connection pool per process, and leadership
-        # calls fail exactly when window calls do.
-        from concur_langgraph.distributed.accounts import SharedAccounts
-        from concur_langgraph.distributed.leader import Leadership
-
-        accounts = SharedAccounts(
-            window.client, window.batch_id, self.gate.accounting, interval_s=opts.interval_s
-        )
-        await accounts.__aenter__()
-        self._accounts = accounts
-        try:
-            leadership = Leadership(client=window.client, batch_id=window.batch_id)
-            await leadership.__aenter__()
-        except BaseException:
-            self._accounts = None
-            await accounts.__aexit__(None, None, None)
-            raise
-        self._leadership = leadership
-        try:
-            if leadership.is_leader:
-                # A wrong vllm_url fails here, at entry, as it does for an in-process window.
-                await self._begin_reign(window, leadership)
-        except BaseException:
-            self._leadership = None
-            self._accounts = None
-            try:
-                await leadership.__aexit__(None, None, None)
-            finally:
-                await accounts.__aexit__(None, None, None)
-            raise
-        self._lead_task = asyncio.create_task(
-            self._lead(window, leadership), name=f"concur-lead-{window.batch_id}"
-        )
-
-    async def _begin_reign(self, window: RedisWindow, leadership: Leadership) -> None:
-        opts = self.options
-        # Continue from the stored window, not from initial_window: the previous leader's
-        # last decision is the best estimate there is.
-        stored = (await window.refresh()).limit
-        stored = max(stored, opts.min_window)
-        if opts.max_window is not None:
-            stored = min(stored, opts.max_window)
-        if self._accounts is not None:
-            await self._accounts.start_collecting()
-        controller = self._new_controller(leadership.fence(window), stored)
-        await controller.__aenter__()
-        self._controller = controller
-
-    async def _end_reign(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc: BaseException | None = None,
-        tb: TracebackType | None = None,
-    ) -> None:
-        controller, self._controller = self._controller, None
-        if self._accounts is not None:
-            self._accounts.stop_collecting()
-        if controller is not None:
-            self._last_controller = controller
-            self._final_controller_stats = controller.statistics()
-            await controller.__aexit__(exc_type, exc, tb)
-
-    async def _lead(self, window: RedisWindow, leadership: Leadership) -> None:
-        """Run a controller during each reign of this process; follow in between."""
-        try:
-            await self._reigns(window, leadership)
-        except Exception:
-            logger.exception("concur: the leader loop of batch %r failed", window.batch_id)
-            # Resign: a process that cannot lead must not keep the lease, or nobody would
-            # drive the window for the rest of the batch. Raised again on exit.
-            await leadership.__aexit__(None, None, None)
-            raise
-
-    async def _reigns(self, window: RedisWindow, leadership: Leadership) -> None:
-        warned = False
-        while True:
-            if self._controller is None:
-                await leadership.wait_leader()
-                try:
-                    await self._begin_reign(window, leadership)
-                except ConcurError as exc:
-                    # The new leader cannot read /metrics (yet): keep the lease, so no other
-                    # worker starts a competing controller, hold the window, retry.
-                    if not warned:
-                        logger.warning(
-                            "concur: the leader of batch %r cannot start its controller, "
-                            "holding the window at %d: %s",
-                            window.batch_id,
-                            window.limit,
-                            exc,
-                        )
-                        warned = True
-                    await asyncio.sleep(self.options.interval_s)
-                    continue
-                warned = False
-            await leadership.wait_lost()
-            try:
-                await self._end_reign()
-            except Exception as exc:
-                # Already logged by the controller; this process may lead again later.
-                self._reign_failure = self._reign_failure or exc
 
 
 class SessionUser:

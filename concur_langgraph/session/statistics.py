@@ -8,7 +8,46 @@ from concur_langgraph.core.controller import ControllerStatistics
 from concur_langgraph.core.gate import GateStatistics
 from concur_langgraph.core.window import window_text
 
-__all__ = ["SessionStatistics"]
+__all__ = ["ReplicaSnapshot", "SessionStatistics"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicaSnapshot:
+    """One replica of a batch on several (``vllm_url=[...]`` without a router)."""
+
+    index: int
+    """Its place in the list of URLs."""
+    url: str
+    """Its base URL."""
+    alive: bool
+    """False once it was marked dead: it takes no agents for the rest of the batch."""
+    placed_total: int
+    """Agents placed on it since the batch began (re-placements from a dead replica too)."""
+    gate: GateStatistics
+    """Its own gate and window: the agents placed on it."""
+    controller: ControllerStatistics | None
+    """Its own controller (its signals, its law's last decision), or ``None`` without
+    signals (or, on Redis, when another worker leads this replica's window)."""
+    leader: bool | None = None
+    """On Redis: whether this process drives this replica's window; else ``None``."""
+
+    def __str__(self) -> str:
+        gate, window = self.gate, self.gate.window
+        state = "" if self.alive else " DEAD"
+        line = (
+            f"replica {self.index} {self.url}{state}: window {window_text(window.limit)}, "
+            f"{gate.active} active, {gate.parked} parked, {gate.waiting} waiting, "
+            f"{gate.completed} done, {self.placed_total} placed"
+        )
+        controller = self.controller
+        sample = controller.last_sample if controller is not None else None
+        if sample is not None:
+            hit = sample.prefix_hit_rate
+            line += (
+                f"; KV usage {sample.kv_usage:.2f}, hit rate "
+                f"{'-' if hit is None else f'{hit:.2f}'}, {sample.preemptions} preemptions"
+            )
+        return line
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -25,6 +64,9 @@ class SessionStatistics:
     leader: bool | None = None
     """Whether this process drives the shared window now (it runs the controller); ``None``
     when there is nothing to lead (an in-process window, or no signals)."""
+    replicas: tuple[ReplicaSnapshot, ...] = ()
+    """With several replicas: each one's own window, agents and controller (``gate`` is then
+    their sum and ``controller`` is ``None``); empty on one server."""
 
     def __str__(self) -> str:
         """The snapshot for people, one aspect per line (``print(gate.statistics())``)."""
@@ -35,6 +77,9 @@ class SessionStatistics:
             f"agents      {gate.active} active, {gate.parked} parked, {gate.waiting} waiting, "
             f"{gate.completed} done; {gate.llm_calls:,} LLM calls, {gate.parks_total:,} parks",
         ]
+        if self.replicas:
+            lines.extend(str(replica) for replica in self.replicas)
+            return "\n".join(lines)
         controller = self.controller
         if controller is None:
             lines.append("controller  none (a fixed window without signals, or not the leader)")
