@@ -251,6 +251,16 @@ class Gate:
         agent.steps += 1
         self._tokens_generated += completion_tokens
 
+    def waiting_to_resume(self) -> list[str]:
+        """The parked agents waiting for a slot now, in the order they came back (the order
+        the window serves them). O(agents)."""
+        waiting = [
+            (agent.order, agent_id)
+            for agent_id, agent in self._agents.items()
+            if agent.parked and agent.busy is not None and agent.permit is None
+        ]
+        return [agent_id for _, agent_id in sorted(waiting)]
+
     def accounting(self) -> list[AgentAccount]:
         """Every agent the gate knows now, in admission order: the agents holding a slot (in
         the order they were admitted), then the parked ones and the new ones waiting, in the

@@ -153,6 +153,13 @@ class ReplicaGate:
         self._carry: dict[str, AgentAccount | None] = {}
         self._placing_moved: deque[_Waiter] = deque()
         self._placing_new: deque[_Waiter] = deque()
+        # The task of each agent inside its replica's gate (to move a parked one, see _steal),
+        # the parked agents being moved (agent -> new replica), and those moved once already.
+        self._tasks: dict[str, asyncio.Task[object]] = {}
+        self._moving: dict[str, int] = {}
+        self._moved_once: set[str] = set()
+        self.moves_total = 0
+        """Parked agents moved to a replica with room (see :meth:`_steal`)."""
         # Placed by _dispatch but not yet admitted by their replica's window (their task has not
         # run yet): counted against the replica's room so one pass does not over-place.
         self._pending = [0] * len(gates)
@@ -185,10 +192,28 @@ class ReplicaGate:
                 index = await self._place(agent_id)
             gate = self.gates[index]
             if agent_id in self._carry:
-                # Moved from a dead replica: it resumes here as a parked agent would, with
-                # what the gate knew of it.
+                # Moved here (its replica died, or it was moved while parked): it resumes here
+                # as a parked agent would, with what the gate knew of it.
                 gate.adopt(agent_id, self._carry.pop(agent_id))
-            await gate.before_llm_call(agent_id, llm_call=llm_call)
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks[agent_id] = task
+            try:
+                await gate.before_llm_call(agent_id, llm_call=llm_call)
+            except asyncio.CancelledError:
+                to = self._moving.pop(agent_id, None)
+                if to is None or task is None:
+                    raise
+                # Moved while it waited to resume (see _steal): not a cancellation of the run,
+                # unless someone else cancelled it too.
+                if task.uncancel() > 0:
+                    self._pending[to] -= 1
+                    raise
+                await self._move_parked(agent_id, index, to)
+                llm_call = False
+                continue
+            finally:
+                self._tasks.pop(agent_id, None)
             if self._alive[index] and self._placement.get(agent_id) == index:
                 return
             # Its replica died while it waited there: place it again.
@@ -454,6 +479,61 @@ class ReplicaGate:
                 queue.popleft()
                 self._pending[index] += 1
                 waiter.future.set_result(index)
+        self._steal()
+
+    def _steal(self) -> None:
+        """Move parked agents from a replica where they queue to one with room.
+
+        Nobody waits to be placed (else they would have taken the room), and a replica has a
+        free slot and nobody of its own waiting, while another has parked agents waiting to
+        resume: the first of them (the next its replica would resume) moves to the one with
+        room, which re-prefills its context; waiting on its own replica would cost until one of
+        that replica's agents finishes, and its prefix there, idle, is the first to be evicted
+        anyway. This is what keeps the replicas finishing together at the end of a batch,
+        when one replica's agents are done while another still has a queue. An agent moves at
+        most once (no ping-pong between two replicas taking turns to shrink).
+        """
+        while True:
+            thief = self._choose()
+            if thief is None:
+                return
+            donors = [
+                (stats.waiting_parked, i)
+                for i, alive in enumerate(self._alive)
+                if alive
+                and i != thief
+                and (stats := self.gates[i].window.statistics()).waiting_parked > 0
+            ]
+            if not donors:
+                return
+            _, donor = max(donors)
+            agent_id = next(
+                (
+                    a
+                    for a in self.gates[donor].waiting_to_resume()
+                    if a not in self._moved_once and a not in self._moving and a in self._tasks
+                ),
+                None,
+            )
+            if agent_id is None:
+                return
+            self._moved_once.add(agent_id)
+            self._moving[agent_id] = thief
+            self._pending[thief] += 1
+            self._tasks[agent_id].cancel()
+
+    async def _move_parked(self, agent_id: str, donor: int, to: int) -> None:
+        self._pending[to] -= 1
+        if not self._alive[to] or self._placement.get(agent_id) != donor:
+            return  # its new replica died meanwhile, or it moved otherwise: go round again
+        self._carry[agent_id] = await self.gates[donor].forget(agent_id)
+        self._placement[agent_id] = to
+        self._placed[donor] -= 1
+        self._placed[to] += 1
+        self._placed_total[to] += 1
+        self.moves_total += 1
+        if self.store is not None:
+            await self.store.put(agent_id, to)
 
 
 class _Windows:

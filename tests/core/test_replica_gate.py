@@ -206,3 +206,36 @@ async def test_a_dead_replicas_window_admits_everyone_it_held() -> None:
 async def test_one_gate_per_url() -> None:
     with pytest.raises(ConfigError, match="one gate per URL"):
         ReplicaGate(URLS, [Gate(LocalWindow(1))])
+
+
+async def test_a_parked_agent_moves_once_to_a_replica_with_room() -> None:
+    gate = replicas(2, 1)
+    for agent in "abc":
+        await gate.before_llm_call(agent)
+        gate.after_llm_call(agent, 500, 20)
+    assert [gate.replica_of(a) for a in "abc"] == [0, 1, 0]
+    window(gate, 0).set_limit_nowait(1)
+    c = asyncio.create_task(gate.before_llm_call("c"))  # r0 is over its window: c parks
+    await settle()
+    assert not c.done() and gate.gates[0].waiting_to_resume() == ["c"]
+    await gate.release("b")  # r1 has room and nobody of its own waiting: c moves there
+    await c
+    assert gate.replica_of("c") == 1 and gate.holds("c") and gate.moves_total == 1
+    account = next(x for x in gate.gates[1].accounting() if x.agent_id == "c")
+    assert (account.context, account.steps) == (520, 1)
+    assert gate.gates[0].statistics().completed == 0  # moving is not finishing
+    assert gate.statistics().llm_calls == 4  # c's call counted once
+
+
+async def test_moving_an_agent_its_run_cancelled_keeps_the_cancellation() -> None:
+    gate = replicas(2, 1)
+    for agent in "abc":
+        await gate.before_llm_call(agent)
+    window(gate, 0).set_limit_nowait(1)
+    c = asyncio.create_task(gate.before_llm_call("c"))
+    await settle()
+    c.cancel()  # the run is cancelled, and in the same instant a slot frees on r1
+    await gate.release("b")
+    with pytest.raises(asyncio.CancelledError):
+        await c
+    assert gate.replica_of("c") == 0 and not gate.holds("c")
