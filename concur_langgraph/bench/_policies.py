@@ -13,6 +13,11 @@
   like the laws above). The real-server benchmark (``benchmarks/bench_real.py``) runs every
   peer by default, so a peer added here joins its comparison with no other change.
 
+Any gated policy takes the suffix ``+priority`` (``auto+priority``, ``static:12+priority``):
+the gate's ``priority_hint`` on, the model's calls through ``routed_http_client`` (which sends
+each agent's admission rank as the request's ``priority``), and, on the simulator, the engine
+on vLLM's ``--scheduling-policy priority``; a real server must have been started with it.
+
 A law joins the benchmarks by an entry in the package's registry; a peer, in :data:`PEERS`.
 """
 
@@ -70,6 +75,9 @@ class Policy:
     factory: Callable[[], ControlLaw] | None = None
     """Makes the law instead of ``LAWS[law]`` (a caller that keeps the law, e.g. to read its
     profile after the run)."""
+    priority_hint: bool = False
+    """``+priority``: the gate sends each agent's admission rank as the request priority, to
+    an engine on priority scheduling."""
 
     @property
     def gated(self) -> bool:
@@ -92,8 +100,24 @@ class Policy:
         return None
 
 
+PRIORITY_SUFFIX: Final = "+priority"
+
+
 def parse_policy(text: str) -> Policy:
     """A policy by name; ``static-sweep`` is expanded by the runner, not here."""
+    if text.endswith(PRIORITY_SUFFIX):
+        base = parse_policy(text.removesuffix(PRIORITY_SUFFIX))
+        if not base.gated:
+            raise ConfigError(
+                f"policy: {text!r}: +priority is the gate's hint, and {base.name!r} has no gate"
+            )
+        return Policy(
+            name=base.name + PRIORITY_SUFFIX,
+            law=base.law,
+            fixed=base.fixed,
+            factory=base.factory,
+            priority_hint=True,
+        )
     if text == "none":
         return Policy(name=text, law=None, fixed=None)
     if text.startswith("static:"):

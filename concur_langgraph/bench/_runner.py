@@ -31,6 +31,7 @@ not: it is kept, but never compared (tables, reports and ``static-sweep`` skip i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +56,7 @@ from concur_langgraph.bench._workload import Workload
 from concur_langgraph.checks import base_url
 from concur_langgraph.core.signals import VLLMMetricsSource
 from concur_langgraph.errors import ConfigError, MetricsError
+from concur_langgraph.integrations.transport import routed_http_client
 from concur_langgraph.integrations.wrapper import ConcurGate
 from concur_langgraph.sim._config import SimConfig
 from concur_langgraph.sim._faults import Faults
@@ -328,11 +330,19 @@ async def _run_async(
     loop = asyncio.get_running_loop()
     server: SimServer | None = None
     if isinstance(backend, SimBackend):
-        server = SimServer(backend.config, faults=backend.faults)
+        config = backend.config
+        if policy.priority_hint:
+            # The hint needs an engine that schedules by priority (vLLM's flag).
+            config = dataclasses.replace(config, scheduling_policy="priority")
+        server = SimServer(config, faults=backend.faults)
         root = server.root_url
         client = server.http_client()
         gate_client = server.http_client()
-        model_client = server.http_client()
+        model_client = (
+            routed_http_client(transport=httpx.ASGITransport(app=server.app))
+            if policy.priority_hint
+            else server.http_client()
+        )
         model = server.chat_model(
             timeout=SIM_TIMEOUT_S, max_retries=0, http_async_client=model_client
         )
@@ -353,7 +363,11 @@ async def _run_async(
             max_keepalive_connections=None,
             keepalive_expiry=REAL_KEEPALIVE_S,
         )
-        model_client = httpx.AsyncClient(limits=limits, timeout=REAL_TIMEOUT_S)
+        model_client = (
+            routed_http_client(limits=limits, timeout=REAL_TIMEOUT_S)
+            if policy.priority_hint
+            else httpx.AsyncClient(limits=limits, timeout=REAL_TIMEOUT_S)
+        )
         model = ChatOpenAI(
             model=name,
             base_url=f"{root}/v1",
@@ -371,12 +385,18 @@ async def _run_async(
     configs: list[Any] = [{"recursion_limit": recursion_limit(plan)} for plan in plans]
     law = policy.make_law()
     gate: ConcurGate | None = None
+    hint = policy.priority_hint
     if policy.fixed is not None:
-        gate = ConcurGate(graph, law=law, progress=False)
+        gate = ConcurGate(graph, law=law, progress=False, priority_hint=hint)
     elif policy.auto:
         # What a user gets from ConcurGate(graph, vllm_url=...): the default law and options.
         gate = ConcurGate(
-            graph, vllm_url=root, http_client=gate_client, interval_s=interval_s, progress=False
+            graph,
+            vllm_url=root,
+            http_client=gate_client,
+            interval_s=interval_s,
+            progress=False,
+            priority_hint=hint,
         )
     elif policy.law is not None:
         # The session picks the start window as for any user (SessionOptions.start_window:
@@ -390,6 +410,7 @@ async def _run_async(
             interval_s=interval_s,
             max_window=workload.agents,
             progress=False,
+            priority_hint=hint,
         )
     source = VLLMMetricsSource(root, client=client)
     wall0 = time.perf_counter()

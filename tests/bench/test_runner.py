@@ -129,6 +129,22 @@ def test_policy_names(tiny_workload: Workload) -> None:
     assert sweep_windows(10) == [2, 4, 8, 10]
 
 
+def test_priority_policies_run_the_hint_on_a_priority_engine(tiny_workload: Workload) -> None:
+    hinted = parse_policy("static:2+priority")
+    assert hinted.priority_hint and hinted.fixed == 2 and hinted.name == "static:2+priority"
+    assert parse_policy("auto+priority").auto and not parse_policy("auto").priority_hint
+    with pytest.raises(ConfigError, match=r"'none\+priority': \+priority is the gate's hint"):
+        parse_policy("none+priority")
+    plain, record = (
+        run_one(tiny_workload, "static:2", TINY),
+        run_one(tiny_workload, "static:2+priority", TINY),
+    )
+    assert record["policy"] == "static:2+priority" and record["status"] == "ok"
+    assert record["agents_ok"] == tiny_workload.agents
+    # Two agents at a time never fill test-tiny's queue: the order changes nothing here.
+    assert record["makespan_s"] == plain["makespan_s"]
+
+
 def test_url_backend_validates() -> None:
     with pytest.raises(ConfigError, match="url: 'localhost:8000' is not an http"):
         UrlBackend(url="localhost:8000")
