@@ -24,9 +24,11 @@ class AgentState(TypedDict):
     steps_left: int
 
 
-def make_model(url: str, model: str, max_tokens: int = 48) -> ChatOpenAI:
-    """ChatOpenAI for a vLLM server: exact output lengths, deliberate timeout and retries."""
+def make_model(url: str, model: str, max_tokens: int = 48, http_client: Any = None) -> ChatOpenAI:
+    """ChatOpenAI for a vLLM server: exact output lengths, deliberate timeout and retries
+    (``http_client``: the routing client, for several replicas)."""
     return ChatOpenAI(
+        http_async_client=http_client,
         model=model,
         base_url=url.rstrip("/") + "/v1",
         api_key="EMPTY",  # type: ignore[arg-type]

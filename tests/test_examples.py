@@ -40,3 +40,16 @@ def test_example_runs_every_agent_to_the_end(name: str, sim_url: str) -> None:
         # Each agent called its tool at least once: more model calls than agents were gated.
         calls = int(out.stdout.split("LLM calls gated: ")[1].split(",")[0])
         assert 6 * 2 <= calls <= 6 * 4
+
+
+def test_the_replicas_example_spreads_the_agents_over_both(sim_url: str) -> None:
+    with served_simulator("--preset", "test-tiny") as second:
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "replicas.py"), "--url", sim_url,
+             "--url", second.url, "--model", "test-tiny", "--agents", "6", "--steps", "2"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "6 agents finished, 0 failed" in out.stdout
+    assert f"replica 0 {sim_url}: window" in out.stdout and "3 placed" in out.stdout
+    assert f"replica 1 {second.url}: window" in out.stdout
