@@ -184,6 +184,13 @@ class Gate:
         agent = self._agents.get(agent_id)
         return agent is not None and agent.permit is not None and not agent.permit.released
 
+    def passes(self, agent_id: str) -> bool:
+        """Whether the agent's next call would pass at once (it holds a slot it need not give
+        back): the fast path, checked without taking it."""
+        agent = self._agents.get(agent_id)
+        permit = agent.permit if agent is not None else None
+        return permit is not None and not permit.released and not self.window.must_park(permit)
+
     def priority_of(self, agent_id: str) -> int | None:
         """The engine priority of the agent's next request when ``priority_hint`` is on: its
         slot's place in the admission order (lower = admitted earlier = served first and

@@ -14,9 +14,9 @@ of them that places each agent on a replica and sends all its calls there:
   verdict on its pressure, so "most free slots" is pressure-aware without a model of its own.
 * **Sticky after.** Every later call of the agent, parked or not, goes to the same replica (its
   prefix is there); a parked agent resumes on its replica, ahead of new agents, as on one
-  server. Parked agents are never moved to another replica: moving one costs a re-prefill of
-  its whole context elsewhere, and a parked agent's replica frees a slot as soon as one of its
-  agents finishes.
+  server, with one exception: when nobody waits to be placed and a replica has room and nobody
+  of its own waiting while another has parked agents waiting, the first of those moves there
+  (once per agent; :meth:`ReplicaGate._steal` says why it pays).
 * **A replica that dies** (:meth:`ReplicaGate.mark_dead`, called by the routing transport on a
   refused connection, or by the user) stops taking agents. Its agents are re-placed: those
   waiting in its window are woken at once, the others at their next call; each goes back to the
@@ -183,6 +183,11 @@ class ReplicaGate:
 
     async def before_llm_call(self, agent_id: str, *, llm_call: bool = True) -> None:
         """Place the agent if it has no replica yet, then pass its replica's gate."""
+        index = self._placement.get(agent_id)
+        if index is not None and self._alive[index] and self.gates[index].passes(agent_id):
+            # The fast path: it holds a slot on its replica and keeps it.
+            await self.gates[index].before_llm_call(agent_id, llm_call=llm_call)
+            return
         while True:
             index = self._placement.get(agent_id)
             if index is not None and not self._alive[index]:
