@@ -11,28 +11,46 @@ like the package's laws (no I/O, no clock):
 * :class:`ProbeLaw`: no control while over-subscription is cheap to undo, a verified token
   budget when it is not, widened by probes (which proved myopic).
 
+Variants of the default law (``FitLaw``) that did not beat it:
+
+* :class:`NewcomerFitLaw`: ``FitLaw`` with newcomers and young agents sized at the active
+  agents' mean context instead of their own;
+* :class:`KeepLargestFitLaw`: ``FitLaw`` counting the admitted agents largest first, the order
+  in which a smallest-first victim rule keeps them (for :class:`PolicyWindow`);
+* :class:`SharedPrefixFitLaw`: ``FitLaw`` with the prefix every agent shares counted once.
+
+And one window: :class:`PolicyWindow`, the in-process window with another victim choice
+(smallest context first, as ThunderAgent pauses) and another resume order (best-fit-decreasing
+by context), for issue 15's victim and resume policies (measured in docs/laws.md).
+
 ``TokenBudgetLaw`` stays in the package (``AdmitLaw`` sizes its budget with it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from concur_langgraph import ConfigError, Sample
+from concur_langgraph import AgentAccount, ConfigError, FitLaw, Sample
 from concur_langgraph.checks import check_number
 from concur_langgraph.core.law import LawDefaults
-from concur_langgraph.core.window import OPEN
+from concur_langgraph.core.window import OPEN, LocalWindow, Permit
 from concur_langgraph.laws.admit import TokenBudgetLaw, gate_counts, requests_finished
 
 __all__ = [
     "ClimbLaw",
     "DescentLaw",
     "GoodputLaw",
+    "KeepLargestFitLaw",
     "LossAimdLaw",
+    "NewcomerFitLaw",
+    "PolicyWindow",
     "ProbeLaw",
+    "SharedPrefixFitLaw",
     "WorkingSetLaw",
 ]
 
@@ -768,3 +786,201 @@ class ProbeLaw(LawDefaults):
         if self._phase in ("settle", "probe"):
             return target
         return min(target, max(window + 1, math.floor(window * self.ramp)))
+
+
+# ---- victim and resume policies --------------------------------------------------------------
+
+Victim = Literal["newest", "smallest"]
+Resume = Literal["fifo", "bfd"]
+
+
+class PolicyWindow(LocalWindow):
+    """:class:`LocalWindow` with another victim choice and resume order (lab only).
+
+    ``victim``: which holders park when holders exceed the window: ``"newest"`` (the package's
+    rule: the most recently admitted) or ``"smallest"`` (the holders with the smallest contexts,
+    newest first among equals: ThunderAgent pauses the smallest program first).
+    ``resume``: which parked agent a free slot goes to: ``"fifo"`` (the package's rule: in the
+    order they parked) or ``"bfd"`` (best-fit decreasing, ThunderAgent's bin packing: the
+    largest parked context that fits the tokens the holders leave free of ``budget_tokens``;
+    when none fits, the smallest). New agents still come after parked ones, in order.
+
+    ``size(agent_id)`` is the agent's context in tokens (the lab records each call's usage).
+    The package's window has no hook for either choice: this subclass overrides
+    :meth:`LocalWindow.must_park` and the private ``_wake`` (docs/laws.md says what a core
+    hook would take). O(holders) per step boundary and per wake-up: a lab tool, not a fast path.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        *,
+        size: Callable[[str], float],
+        budget_tokens: float,
+        victim: Victim = "newest",
+        resume: Resume = "fifo",
+    ) -> None:
+        if victim not in ("newest", "smallest"):
+            raise ConfigError(f"victim: must be 'newest' or 'smallest', got {victim!r}")
+        if resume not in ("fifo", "bfd"):
+            raise ConfigError(f"resume: must be 'fifo' or 'bfd', got {resume!r}")
+        super().__init__(limit)
+        self._size = size
+        self._budget = budget_tokens
+        self._victim = victim
+        self._resume = resume
+
+    def must_park(self, permit: Permit) -> bool:
+        if self._victim == "newest":
+            return super().must_park(permit)
+        excess = len(self._holders) - self._limit
+        if excess <= 0 or permit.released:
+            return False
+        ranked = sorted(self._holders.values(), key=lambda p: (self._size(p.agent_id), -p.seq))
+        return any(p is permit for p in ranked[:excess])
+
+    def _wake(self) -> None:
+        if self._resume == "bfd":
+            parked = self._waiting_parked
+            while len(self._holders) < self._limit and parked:
+                if self._cancelled[True]:
+                    live = [w for w in parked if not w.future.done()]
+                    parked.clear()
+                    parked.extend(live)
+                    self._cancelled[True] = 0
+                    continue
+                free = self._budget - sum(self._size(p.agent_id) for p in self._holders.values())
+                fits = [w for w in parked if self._size(w.agent_id) <= free]
+                if fits:
+                    pick = max(fits, key=lambda w: self._size(w.agent_id))
+                else:
+                    pick = min(parked, key=lambda w: self._size(w.agent_id))
+                parked.remove(pick)
+                pick.future.set_result(self._grant(pick.agent_id, True))
+        super()._wake()
+
+
+# ---- FitLaw with newcomers sized by the active agents ----------------------------------------
+
+Newcomer = Literal["mean", "young", "outside", "floor"]
+
+
+@dataclass(slots=True, kw_only=True)
+class NewcomerFitLaw(FitLaw):
+    """``FitLaw`` with some agents sized at the active agents' mean context ``m`` when their own
+    context is smaller (issue 15's proposal: a newcomer sized at its first context lets the
+    window swing up as agents finish, then park the newcomers a step later)::
+
+        size_i = max(context_i, m) + g       for the agents that ``newcomer`` names
+        m      = mean context of the active agents that called at least once
+
+    ``newcomer``: ``"mean"`` the agents that never called (``FitLaw`` sizes them at the mean
+    first context); ``"young"`` also those with fewer steps than the active agents' median;
+    ``"outside"`` every agent not holding a slot (parked or waiting); ``"floor"`` every agent.
+    The sizes feed both the fit and the undo-cost guard (the agents' accounts are rewritten
+    with the floor, growth kept: ``first_context`` moves with ``context``). docs/laws.md has
+    the numbers: none beat ``FitLaw``.
+    """
+
+    newcomer: Newcomer = "young"
+    """Which agents are sized at least at the active agents' mean context."""
+
+    def __post_init__(self) -> None:
+        FitLaw.__post_init__(self)
+        if self.newcomer not in ("mean", "young", "outside", "floor"):
+            raise ConfigError(
+                f"newcomer: must be 'mean', 'young', 'outside' or 'floor', got {self.newcomer!r}"
+            )
+
+    def next_window(self, window: int, sample: Sample) -> int:
+        agents = sample.agents
+        if agents:
+            sample = dataclasses.replace(sample, agents=tuple(self.sized(agents)))
+        return FitLaw.next_window(self, window, sample)
+
+    def sized(self, agents: tuple[AgentAccount, ...]) -> list[AgentAccount]:
+        """The accounts with the floor applied (unchanged when no agent has called yet)."""
+        known = [a for a in agents if a.steps > 0]
+        active = [a for a in known if a.state == "active"] or known
+        if not active:
+            return list(agents)
+        mean = sum(a.context for a in active) / len(active)
+        first = sum(a.first_context for a in known) / len(known)
+        steps = sorted(a.steps for a in active)
+        median = steps[len(steps) // 2]
+        out = []
+        for a in agents:
+            named = (
+                (self.newcomer == "mean" and a.steps == 0)
+                or (self.newcomer == "young" and a.steps < median)
+                or (self.newcomer == "outside" and a.state != "active")
+                or self.newcomer == "floor"
+            )
+            if named and a.steps == 0:
+                size = max(first, mean)
+                a = dataclasses.replace(a, context=round(size), first_context=round(size), steps=1)
+            elif named and a.context < mean:
+                lift = round(mean) - a.context
+                a = dataclasses.replace(
+                    a, context=a.context + lift, first_context=a.first_context + lift
+                )
+            out.append(a)
+        return out
+
+
+@dataclass(slots=True, kw_only=True)
+class KeepLargestFitLaw(FitLaw):
+    """``FitLaw`` with the admitted agents counted largest context first.
+
+    ``FitLaw`` counts the agents in admission order because the window parks the most recently
+    admitted: the agents it counts first are the ones that stay. Under a smallest-first victim
+    rule (``PolicyWindow(victim="smallest")``) the largest stay, so the fit must count them
+    first, or it keeps a set larger than it measured. Parked and waiting agents keep their
+    order (they are served in it).
+    """
+
+    def next_window(self, window: int, sample: Sample) -> int:
+        agents = sample.agents
+        if agents:
+            active = sorted((a for a in agents if a.state == "active"), key=lambda a: -a.context)
+            rest = [a for a in agents if a.state != "active"]
+            sample = dataclasses.replace(sample, agents=(*active, *rest))
+        return FitLaw.next_window(self, window, sample)
+
+
+@dataclass(slots=True, kw_only=True)
+class SharedPrefixFitLaw(FitLaw):
+    """``FitLaw`` with the prefix every agent shares (the system prompt) counted once.
+
+    The cache holds a shared prefix once; ``FitLaw`` counts it in every agent's context. The
+    shared prefix is estimated as ThunderAgent's peer law does, by the smallest first context
+    of the agents that called (no agent's own tokens can be below it; it also holds the
+    smallest task and first answer, so it overestimates by those), scaled by ``share``. Each
+    agent's account is lowered by it, and the budget by it once. ``share = 0`` is ``FitLaw``.
+    """
+
+    share: float = 1.0
+    """Fraction of the smallest first context taken as shared."""
+
+    def next_window(self, window: int, sample: Sample) -> int:
+        agents = sample.agents
+        capacity = sample.kv_capacity_tokens
+        firsts = [a.first_context for a in agents or () if a.steps > 0]
+        if agents and capacity and firsts:
+            shared = round(self.share * min(firsts))
+            lowered = tuple(
+                dataclasses.replace(
+                    a,
+                    context=max(0, a.context - shared),
+                    first_context=max(0, a.first_context - shared),
+                )
+                if a.steps > 0
+                else a
+                for a in agents
+            )
+            sample = dataclasses.replace(
+                sample,
+                agents=lowered,
+                kv_capacity_tokens=max(1, capacity - round(shared / self.fill)),
+            )
+        return FitLaw.next_window(self, window, sample)

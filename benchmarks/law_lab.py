@@ -28,8 +28,14 @@ with ``+plain`` appended (samples without ``requests_finished``: a server that d
 with ``starts_open = True`` start with the window at the agent count, the others at
 ``--initial-window`` (4, the session default). Virtual time is exact: the same command gives
 the same numbers on any machine (as long as the simulator's code does not change).
-Lab-only variants of the default law: ``admit-proj`` (:class:`ProjectedAdmit`) and
-``admit-warm`` (:class:`WarmAdmit`: ``AdmitLaw(warm=...)`` from a previous run's numbers).
+Lab-only variants of the laws: ``admit-proj`` (:class:`ProjectedAdmit`), ``admit-warm``
+(:class:`WarmAdmit`: ``AdmitLaw(warm=...)`` from a previous run's numbers), ``fit-newcomer``
+(:class:`NewcomerFitLaw`: newcomers sized at the active agents' mean context, e.g.
+``fit-newcomer:newcomer=young``) and ``fit-keep-largest`` (:class:`KeepLargestFitLaw`). Any law
+takes ``+victim=smallest`` and/or ``+resume=bfd``: the window is then a :class:`PolicyWindow`
+(smallest-context victims, best-fit-decreasing resume) instead of the package's newest-first
+victims and FIFO resume, e.g. ``fit+victim=smallest+resume=bfd`` (not with ``--harness``,
+whose window is the package's).
 
 Besides makespans, the table has ``in engine`` (the mean share of admitted agents with a call
 in the engine, running or waiting there, rather than in a tool call), ``context per call``
@@ -58,8 +64,12 @@ from lab_laws import (
     ClimbLaw,
     DescentLaw,
     GoodputLaw,
+    KeepLargestFitLaw,
     LossAimdLaw,
+    NewcomerFitLaw,
+    PolicyWindow,
     ProbeLaw,
+    SharedPrefixFitLaw,
     WorkingSetLaw,
 )
 
@@ -254,6 +264,9 @@ LAWS: Mapping[str, Callable[[], ControlLaw]] = {
     "budget": TokenBudgetLaw,
     "probe": ProbeLaw,
     "fit": FitLaw,
+    "fit-newcomer": NewcomerFitLaw,
+    "fit-keep-largest": KeepLargestFitLaw,
+    "fit-shared": SharedPrefixFitLaw,
     "thunderagent": ThunderAgentLaw,
     "admit": AdmitLaw,
     "ws-slow": lambda: WorkingSetLaw(starts_open=False, ramp=1.5),
@@ -409,12 +422,23 @@ async def _batch(
     plans = workload.plans()
     n = workload.agents
 
-    # "<law>+plain": samples without requests_finished (a vLLM that does not export
-    # request_success_total).
-    policy, plain = policy.removesuffix("+plain"), policy.endswith("+plain")
-    # "<law>+noacct": the controller passes the law no per-agent accounting (the law sizes the
-    # agents from the server's counters, as before the gate kept accounts).
-    policy, accounted = policy.removesuffix("+noacct"), not policy.endswith("+noacct")
+    # Flags after the law, each "+flag": "plain": samples without requests_finished (a vLLM
+    # that does not export request_success_total); "noacct": the controller passes the law no
+    # per-agent accounting (the law sizes the agents from the server's counters, as before the
+    # gate kept accounts); "victim=smallest", "resume=bfd": the window's victim choice and
+    # resume order (PolicyWindow).
+    policy, *flags = policy.split("+")
+    unknown = [
+        f
+        for f in flags
+        if f not in ("plain", "noacct") and f.partition("=")[0] not in ("victim", "resume")
+    ]
+    if unknown:
+        raise SystemExit(f"policy flags {unknown}: expected plain, noacct, victim=..., resume=...")
+    plain, accounted = "plain" in flags, "noacct" not in flags
+    choices = dict(f.partition("=")[::2] for f in flags if "=" in f)
+    # Each agent's context as of its last call (PolicyWindow sizes victims and resumes by it).
+    contexts: dict[str, int] = {}
     law: ControlLaw | None = None
     if policy.startswith("static:"):
         law = FixedLaw(int(policy.removeprefix("static:")))
@@ -431,7 +455,16 @@ async def _batch(
         if isinstance(law, WarmAdmit):
             law.bind(config.kv_capacity_tokens, n)
         start = getattr(law, "start_window", None) or start
-        window = LocalWindow(min(max(1, start), n))
+        if choices:
+            window = PolicyWindow(
+                min(max(1, start), n),
+                size=lambda agent_id: contexts.get(agent_id, 0),
+                budget_tokens=0.9 * config.kv_capacity_tokens,
+                victim=choices.get("victim", "newest"),  # type: ignore[arg-type]
+                resume=choices.get("resume", "fifo"),  # type: ignore[arg-type]
+            )
+        else:
+            window = LocalWindow(min(max(1, start), n))
         gate = Gate(window)
 
     async def agent(i: int) -> None:
@@ -449,6 +482,7 @@ async def _batch(
                 result = await req.result()
                 if gate is not None:
                     gate.after_llm_call(name, result.prompt_tokens, len(result.output_token_ids))
+                contexts[name] = result.prompt_tokens + len(result.output_token_ids)
                 prompt = prompt + list(result.output_token_ids)
                 if step + 1 < plan.steps:
                     await asyncio.sleep(plan.tool_latency_s[step])
@@ -585,6 +619,9 @@ def harness_check(workload_name: str, preset: str, policies: list[str]) -> list[
     from concur_langgraph.bench._runner import SimBackend
     from concur_langgraph.bench._runner import run_one as bench_run_one
 
+    windowed = [p for p in policies if "+victim=" in p or "+resume=" in p]
+    if windowed:
+        raise SystemExit(f"--harness runs the package's window: no victim/resume flags {windowed}")
     saved_laws = _policies.LAWS
     extra = {p: (lambda p=p: make_law(p)) for p in policies if p.partition(":")[0] in LAWS}
     _policies.LAWS = MappingProxyType({**saved_laws, **LAWS, **extra})  # type: ignore[misc]
@@ -595,7 +632,8 @@ def harness_check(workload_name: str, preset: str, policies: list[str]) -> list[
             record = bench_run_one(workload, policy, SimBackend.preset(preset))
             lines.append(
                 f"| {workload_name} | {preset} | {policy} | {record['makespan_s']:.1f} | "
-                f"{record['agents_ok']} | {record['agents_failed']} |"
+                f"{record['agents_ok']} | {record['agents_failed']} | {record.get('parks', '-')} | "
+                f"{record['prompt_tokens_computed']} | {record['prefix_hit_rate']:.3f} |"
             )
     finally:
         _policies.LAWS = saved_laws  # type: ignore[misc]
@@ -672,7 +710,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--harness",
         action="store_true",
-        help="run through concur_langgraph.bench instead (the full stack, fewer columns)",
+        help="run through concur_langgraph.bench instead (the full stack, fewer columns: "
+        "makespan, parks, prompt tokens computed, hit rate)",
     )
     ap.add_argument(
         "--lifetime",
@@ -693,8 +732,11 @@ def main(argv: list[str] | None = None) -> int:
     if not ns.policy:
         ap.error("--policy is required (at least one), unless --lifetime")
     if ns.harness:
-        print("| workload | preset | policy | makespan s | agents ok | agents failed |")
-        print("|---|---|---|---|---|---|")
+        print(
+            "| workload | preset | policy | makespan s | agents ok | agents failed | parks | "
+            "prompt computed | hit rate |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
         for preset in ns.preset:
             for wl in ns.workload:
                 for line in harness_check(wl, preset, ns.policy):

@@ -25,14 +25,20 @@ It restricts only where restricting pays. Two guards keep it open:
   was slower than no control.)
 * **Cheap to undo.** When recomputing the contexts of every agent beyond the fit would take at
   most ``undo_cost_s`` of prefill at the server's measured rate, over-subscription costs less
-  than a restriction: no restriction. (Many short agents: their contexts are small.)
+  than a restriction: no restriction. (Many short agents: their contexts are small.) Once the
+  law restricts, this guard lifts the restriction only at ``reopen * undo_cost_s``: the
+  estimate prices one recompute of the agents beyond the fit, but when the cache is full they
+  evict each other every step for the rest of their lives (medium-wide's last 19 agents,
+  opened at 5.0 s of undo cost, thrashed).
 
 Constants and where they come from (docs/laws.md, the simulator's law lab): ``fill`` 0.9 keeps a
 margin below the cliff of over-filling; ``lookahead`` one step (projecting an agent over as
 many steps as it has lived restricted demo and paper-256 too hard: 267 s and 1163 s against
 235 s and 915 s); ``busy_min`` 0.5 separates the tool-bound batches (in-engine share 0.28-0.31)
 from the engine-bound ones (0.70-0.89); ``undo_cost_s`` 5 s is the least that kept a batch of
-512 short agents open.
+512 short agents open; ``reopen`` 0.5 is the middle of the range (0.3-0.6) that took
+medium-wide from 140.2 to 128.8 s through the harness (0.7: 133.3 s, 0.8: 136.0 s; ``AdmitLaw``
+lifts its restriction at ``undo_cost_s / 2`` for the same reason).
 """
 
 from __future__ import annotations
@@ -109,6 +115,9 @@ class FitLaw(LawDefaults):
     """Seconds the in-engine share is averaged over (an exponential moving average)."""
     undo_cost_s: float = 5.0
     """Restrict only when recomputing the contexts beyond the fit takes longer than this."""
+    reopen: float = 0.5
+    """A restriction is lifted by the cheap-to-undo guard only once recomputing the contexts
+    beyond the fit takes at most ``reopen * undo_cost_s`` (hysteresis, as ``fill``/``high``)."""
     rate_window_s: float = 5.0
     """Seconds over which prefilled tokens (prompt tokens times the miss rate) are summed to
     measure the prefill rate (the largest such average so far)."""
@@ -118,6 +127,7 @@ class FitLaw(LawDefaults):
     _rate: float = field(default=0.0, init=False)
     _prefill: deque[tuple[float, float]] = field(default_factory=deque, init=False, repr=False)
     _reason: str = field(default="FitLaw: no sample yet: open", init=False)
+    _restricted: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         check_number("fill", self.fill, low=0, low_open=True)
@@ -125,6 +135,7 @@ class FitLaw(LawDefaults):
         check_number("busy_min", self.busy_min, low=0, high=1)
         check_number("share_s", self.share_s, low=0, low_open=True)
         check_number("undo_cost_s", self.undo_cost_s, low=0)
+        check_number("reopen", self.reopen, low=0, high=1)
         check_number("rate_window_s", self.rate_window_s, low=0, low_open=True)
         if self.lookahead not in ("step", "lindy"):
             raise ConfigError(f"lookahead: must be 'step' or 'lindy', got {self.lookahead!r}")
@@ -169,6 +180,13 @@ class FitLaw(LawDefaults):
     def next_window(self, window: int, sample: Sample) -> int:
         """One tick (see the module docstring)."""
         self._observe(sample)
+        out = self._decide(window, sample)
+        if sample.agents:
+            # Restricted: the window leaves some agent out (what the reopen line applies to).
+            self._restricted = out < len(sample.agents)
+        return out
+
+    def _decide(self, window: int, sample: Sample) -> int:
         agents = sample.agents
         capacity = sample.kv_capacity_tokens
         if not agents or capacity is None:
@@ -196,12 +214,14 @@ class FitLaw(LawDefaults):
             return everyone
         excess = self._excess_tokens(agents, target)
         cost = excess / self._rate if self._rate > 0 else None
-        if cost is None or cost <= self.undo_cost_s:
+        line, name = self.undo_cost_s, f"undo_cost_s {self.undo_cost_s}"
+        if self._restricted:
+            line, name = self.reopen * line, f"reopen x undo_cost_s {self.reopen * line:g}"
+        if cost is None or cost <= line:
             why = (
                 "prefill rate not measured yet"
                 if cost is None
-                else f"recomputing the {excess:,.0f} tokens beyond it takes {cost:.1f} s "
-                f"<= undo_cost_s {self.undo_cost_s}"
+                else f"recomputing the {excess:,.0f} tokens beyond it takes {cost:.1f} s <= {name}"
             )
             self._reason = f"FitLaw: {fits}; {why}: open"
             return everyone

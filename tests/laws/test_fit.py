@@ -89,6 +89,33 @@ def test_stays_open_when_the_agents_beyond_the_fit_are_cheap_to_recompute() -> N
     assert "<= undo_cost_s 5.0: open" in law.explain(8, sample([]))
 
 
+def test_a_restriction_is_lifted_only_at_reopen_times_undo_cost_s() -> None:
+    # Each agent takes 2,500 tokens one step ahead; 3 fit 0.9 x 10,000; prefill 10,000 tokens/s.
+    law = FitLaw(undo_cost_s=1.0)
+    agents = [account(i, 2000) for i in range(8)]
+    assert law.next_window(8, sample(agents)) == 3  # 5 beyond: 12,500 tokens, 1.25 s > 1.0
+    # Two finished: 3 beyond, 0.75 s. Under undo_cost_s, but a restriction holds until
+    # reopen x undo_cost_s (0.5 s): the window stays at the fit.
+    assert law.next_window(3, sample(agents[:6])) == 3
+    assert law.explain(3, sample([])).endswith(
+        "recomputing the 7,500 tokens beyond it takes 0.8 s: window 3"
+    )
+    assert law.next_window(3, sample(agents[:4])) == 4  # 1 beyond: 0.25 s <= 0.5
+    assert law.explain(4, sample([])).endswith(
+        "recomputing the 2,500 tokens beyond it takes 0.2 s <= reopen x undo_cost_s 0.5: open"
+    )
+    # Open again, the next restriction needs undo_cost_s itself: 0.75 s stays open.
+    assert law.next_window(6, sample(agents[:6])) == 6
+    assert law.explain(6, sample([])).endswith("<= undo_cost_s 1.0: open")
+
+
+def test_reopen_one_lifts_a_restriction_at_undo_cost_s() -> None:
+    law = FitLaw(undo_cost_s=1.0, reopen=1.0)
+    agents = [account(i, 2000) for i in range(8)]
+    assert law.next_window(8, sample(agents)) == 3
+    assert law.next_window(3, sample(agents[:6])) == 6
+
+
 def test_stays_open_while_the_agents_are_mostly_in_tools() -> None:
     law = FitLaw(undo_cost_s=0.5)
     idle = [account(i, 2000, in_call=i < 2) for i in range(8)]  # 2 of 8 in the engine
@@ -136,6 +163,7 @@ def test_needs_a_measured_prefill_rate_before_it_restricts() -> None:
         ("high", 0.5, r"^high: must be a number >= fill \(0.9\)"),
         ("busy_min", 1.5, r"^busy_min: must be a number >= 0 and <= 1"),
         ("undo_cost_s", -1, r"^undo_cost_s: must be a number >= 0"),
+        ("reopen", 1.5, r"^reopen: must be a number >= 0 and <= 1"),
         ("lookahead", "forever", r"^lookahead: must be 'step' or 'lindy'"),
     ],
 )
