@@ -9,6 +9,8 @@
 * every name in :data:`LAWS`: the gate with that adaptive law, driven by the server's
   ``/metrics`` (``concur``: the paper's Eq. 1 with its constants, ``W0 = 4``; ``admit``: our
   default law; the registry of ``concur_langgraph/laws/registry.py``);
+* a name of :data:`LAWS` with constants: ``fit:reopen=1`` (the law's dataclass fields
+  overridden; a variant to measure against the default);
 * every name in :data:`PEERS`: a peer system's admission idea re-implemented as a law (run
   like the laws above). The real-server benchmark (``benchmarks/bench_real.py``) runs every
   peer by default, so a peer added here joins its comparison with no other change.
@@ -23,6 +25,7 @@ A law joins the benchmarks by an entry in the package's registry; a peer, in :da
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -127,8 +130,40 @@ def parse_policy(text: str) -> Policy:
         return Policy(name=f"static:{int(raw)}", law=None, fixed=int(raw))
     if text in LAWS or text in PEERS or text == AUTO:
         return Policy(name=text, law=text, fixed=None)
+    name, _, constants = text.partition(":")
+    if constants and name in LAWS:
+        # A registry law with constants overridden (``fit:reopen=1``): what a variant measures.
+        overrides = _constants(text, constants)
+        make = LAWS[name]
+        if not dataclasses.is_dataclass(make()):
+            raise ConfigError(f"policy: {text!r}: law {name!r} takes no constants")
+
+        def factory() -> ControlLaw:
+            return dataclasses.replace(make(), **overrides)  # type: ignore[type-var]
+
+        try:
+            factory()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"policy: {text!r}: {exc}") from exc
+        return Policy(name=text, law=name, fixed=None, factory=factory)
     known = ", ".join(["none", "static:K", "static-sweep", AUTO, *sorted(LAWS), *sorted(PEERS)])
     raise ConfigError(f"policy: unknown policy {text!r}; known: {known}")
+
+
+def _constants(text: str, spec: str) -> dict[str, float | bool]:
+    out: dict[str, float | bool] = {}
+    for part in spec.split(","):
+        key, eq, raw = part.partition("=")
+        if not eq or not key.isidentifier():
+            raise ConfigError(f"policy: {text!r}: constants are key=value, got {part!r}")
+        if raw in ("true", "false"):
+            out[key] = raw == "true"
+            continue
+        try:
+            out[key] = float(raw)
+        except ValueError as exc:
+            raise ConfigError(f"policy: {text!r}: {key}={raw!r} is not a number") from exc
+    return out
 
 
 def sweep_windows(agents: int, windows: tuple[int, ...] = DEFAULT_SWEEP) -> list[int]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from concur_langgraph import ConcurLaw, ConfigError, FixedLaw
+from concur_langgraph import ConcurLaw, ConfigError, FitLaw, FixedLaw
 from concur_langgraph.bench._bound import lower_bound
 from concur_langgraph.bench._policies import LAWS, parse_policy, sweep_windows
 from concur_langgraph.bench._runner import (
@@ -127,6 +127,15 @@ def test_policy_names(tiny_workload: Workload) -> None:
     with pytest.raises(ConfigError, match="static-sweep is several runs"):
         run_one(tiny_workload, "static-sweep", TINY)
     assert sweep_windows(10) == [2, 4, 8, 10]
+    variant = parse_policy("fit:reopen=1,undo_cost_s=2.5")
+    law = variant.make_law()
+    assert variant.name == "fit:reopen=1,undo_cost_s=2.5" and variant.law == "fit"
+    assert isinstance(law, FitLaw) and (law.reopen, law.undo_cost_s) == (1.0, 2.5)
+    assert variant.make_law() is not law  # a fresh law per run
+    with pytest.raises(ConfigError, match=r"'fit:nope=1': FitLaw.__init__\(\) got an unexpected"):
+        parse_policy("fit:nope=1")
+    with pytest.raises(ConfigError, match=r"'fit:reopen=2': reopen: must be a number"):
+        parse_policy("fit:reopen=2")
 
 
 def test_priority_policies_run_the_hint_on_a_priority_engine(tiny_workload: Workload) -> None:
