@@ -10,57 +10,20 @@ import asyncio
 import dataclasses
 import math
 import random
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from engine_support import COST, config, run, tokens
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from concur_langgraph import ConfigError, vtime
-from concur_langgraph.sim._config import SimConfig
+from concur_langgraph import ConfigError
 from concur_langgraph.sim._cost import CostModel
 from concur_langgraph.sim._engine import EngineMetrics, SimEngine
 from concur_langgraph.sim._presets import PRESETS, get_preset
 from concur_langgraph.sim._tokenizer import EOS_TOKEN_ID
 
-T = TypeVar("T")
-
-COST = CostModel(
-    step_overhead_s=1e-3,
-    prefill_token_s=10e-6,
-    decode_seq_s=100e-6,
-    attention_pair_s=1e-8,
-    kv_bytes_per_token=4096,
-    kv_read_bytes_per_s=4.096e11,
-)
 KNEE_COST = dataclasses.replace(COST, decode_knee_seqs=3, decode_seq_above_knee_s=20e-6)
-
-
-def config(**kw: Any) -> SimConfig:
-    base: dict[str, Any] = {
-        "model_name": "m",
-        "num_blocks": 64,
-        "block_size": 16,
-        "max_num_seqs": 16,
-        "max_num_batched_tokens": 256,
-        "max_model_len": 512,
-        "cost": COST,
-    }
-    base.update(kw)
-    return SimConfig(**base)
-
-
-def run(factory: Callable[[], Awaitable[T]]) -> T:
-    async def main() -> T:
-        return await factory()
-
-    return vtime.run(main())
-
-
-def tokens(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(16, 30000) for _ in range(n)]
 
 
 def hit_rate(m: EngineMetrics) -> float:

@@ -18,50 +18,14 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from engine_support import config, run, tokens
 
 from concur_langgraph import ConfigError, vtime
 from concur_langgraph.cli import main as concur_main
 from concur_langgraph.sim import SimServer, get_preset
-from concur_langgraph.sim._config import SimConfig
-from concur_langgraph.sim._cost import CostModel
 from concur_langgraph.sim._engine import RequestOutput, SimEngine, SimRequest
 
 T = TypeVar("T")
-
-COST = CostModel(
-    step_overhead_s=1e-3,
-    prefill_token_s=10e-6,
-    decode_seq_s=100e-6,
-    attention_pair_s=1e-8,
-    kv_bytes_per_token=4096,
-    kv_read_bytes_per_s=4.096e11,
-)
-
-
-def config(**kw: Any) -> SimConfig:
-    base: dict[str, Any] = {
-        "model_name": "m",
-        "num_blocks": 64,
-        "block_size": 16,
-        "max_num_seqs": 16,
-        "max_num_batched_tokens": 256,
-        "max_model_len": 512,
-        "cost": COST,
-    }
-    base.update(kw)
-    return SimConfig(**base)
-
-
-def run(factory: Callable[[], Awaitable[T]]) -> T:
-    async def main() -> T:
-        return await factory()
-
-    return vtime.run(main())
-
-
-def tokens(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(16, 30000) for _ in range(n)]
 
 
 async def results(reqs: dict[str, SimRequest]) -> dict[str, RequestOutput]:
