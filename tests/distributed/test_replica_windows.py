@@ -69,6 +69,8 @@ async def test_workers_share_each_replicas_window_and_place_into_the_room_of_any
         # No room anywhere: b2 waits for a replica, and gets replica 0 when A's agent ends
         # (B learns of the room from Redis, not from an event of its own).
         b2 = asyncio.create_task(gb.before_llm_call("b2"))
+        # real-time ok: a real Redis; five poll periods in which nothing may place b2 (a
+        # negative check: a slow machine only makes it stricter).
         await asyncio.sleep(5 * INTERVAL_S)
         assert not b2.done()
         await ga.release("a1")
